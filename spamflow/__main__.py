@@ -1,0 +1,3 @@
+from spamflow.cli import main
+
+raise SystemExit(main())
