@@ -1,0 +1,36 @@
+"""Logging of repeated failures at a bounded rate."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+class RateLimitedLog:
+    """Write at most one log line per interval and count the lines held back.
+
+    The next line written after a quiet period reports how many were suppressed.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.suppressed = 0
+        self._last = float("-inf")
+
+    def warning(self, message: str, *args: object) -> bool:
+        """Log message at WARNING unless one was logged within the interval.
+
+        Returns True when the line was written.
+        """
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return False
+        self._last = now
+        if self.suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        self.logger.warning(message, *args)
+        return True
