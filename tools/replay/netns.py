@@ -297,3 +297,22 @@ def _wait_for_line(process: subprocess.Popen[str], expected: str, timeout: float
     thread.start()
     found.wait(timeout)
     return found.is_set()
+
+
+def wait_for_port(netns: str | None, host: str, port: int, timeout: float) -> bool:
+    """Return True once a TCP connect to host:port succeeds (inside netns, if given)."""
+    code = (
+        "import socket, sys, time\n"
+        f"deadline = time.monotonic() + {timeout}\n"
+        "while time.monotonic() < deadline:\n"
+        "    try:\n"
+        f"        socket.create_connection(({host!r}, {port}), timeout=1).close()\n"
+        "        sys.exit(0)\n"
+        "    except OSError:\n"
+        "        time.sleep(0.1)\n"
+        "sys.exit(1)\n"
+    )
+    command = [sys.executable, "-c", code]
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
+    return subprocess.run(command, check=False, timeout=timeout + 10).returncode == 0
