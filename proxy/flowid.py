@@ -142,13 +142,16 @@ def load_flow_key(path: str) -> bytes:
     other than root or the effective user.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK keeps a FIFO from blocking the open; the type check rejects it.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        descriptor = os.open(path, flags)
     except OSError as error:
         raise FlowKeyError(f"cannot open flow key file {path}: {error.strerror}") from error
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise FlowKeyError(f"flow key file {path} is not a regular file")
     with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise FlowKeyError(f"flow key file {path} is not a regular file")
         if info.st_mode & 0o077:
             raise FlowKeyError(
                 f"flow key file {path} has mode {stat.S_IMODE(info.st_mode):04o}, "

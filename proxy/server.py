@@ -1,0 +1,657 @@
+"""asyncio spamd proxy that adds the flow model's verdict header to scanned messages.
+
+Per connection the proxy reads one spamc request. For a message that spamd will score
+(CHECK, SYMBOLS, REPORT, REPORT_IFSPAM, PROCESS, HEADERS) it removes forged
+``X-Spamflow`` headers and, when the client is a trusted MTA and the message's topmost
+``X-Spamflow-Flow`` header verifies, prepends ``X-Spamflow: p=...; model=...; flow=...``.
+spamd's response is relayed unchanged. Every other request, and every request the proxy
+cannot read exactly as spamd would, is forwarded byte for byte so that spamd answers it.
+
+After the response has been sent, a background worker computes the message's score
+without the verdict header and records it for learning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from spamflow.config import ConfigError, ProxyConfig
+from spamflow.proxy import message as message_headers
+from spamflow.proxy import spamd_protocol as protocol
+from spamflow.proxy.flowid import FLOW_HEADER, FlowIdError, verify_flow_header_value
+from spamflow.proxy.ratelimit import RateLimitedLog
+from spamflow.proxy.tapclient import query_tap_features
+
+logger = logging.getLogger(__name__)
+
+VERDICT_HEADER = "X-Spamflow"
+# Protocol versions whose framing the proxy rewrites. spamd reads no request headers
+# for 1.0 and sends no Content-length before 1.2, so older requests pass unchanged.
+MIN_REWRITE_VERSION = (1, 2)
+MAX_REWRITE_VERSION = (1, 5)
+# Header names as spamd 4.0.1 matches them (case-sensitive).
+SPAMD_HEADER_SPELLING = {b"content-length": b"Content-length", b"compress": b"Compress",
+                         b"user": b"User"}
+# Seconds to wait for a TCP connection to spamd.
+SPAMD_CONNECT_TIMEOUT = 10.0
+# Seconds between checks for a retrained model file.
+MODEL_RELOAD_INTERVAL = 30.0
+# Background scoring: concurrent workers and queued requests before new ones are dropped.
+SCORING_WORKERS = 2
+SCORING_QUEUE_SIZE = 256
+# Seconds that shutdown waits for in-flight requests, then for queued scoring.
+SHUTDOWN_TIMEOUT = 30.0
+PIPE_CHUNK_BYTES = 64 * 1024
+
+
+class FlowModelLike(Protocol):
+    name: str
+
+    def predict_spam_probability(self, features: Mapping[str, float]) -> float: ...
+
+
+class LearnerLike(Protocol):
+    """The part of spamflow.models.autolearn.AutoLearner that the proxy calls."""
+
+    @property
+    def model(self) -> FlowModelLike | None: ...
+
+    def label_for(self, base_score: float) -> int | None: ...
+
+    def observe(self, observation: Any) -> None: ...
+
+    def reload_if_changed(self) -> Any: ...
+
+
+class _PassThroughError(Exception):
+    """A request that the proxy forwards unchanged, with the reason as message."""
+
+
+@dataclass
+class ScanRequest:
+    head: protocol.RequestHead
+    message: bytes
+    compressed: bool
+    raw: bytes
+
+
+@dataclass
+class Verdict:
+    flow: str | None = None
+    features: dict[str, float] | None = None
+    p: float | None = None
+    model: str | None = None
+    header_value: str | None = None
+
+
+@dataclass
+class ScoringJob:
+    """What the background worker needs to record one scanned request."""
+
+    peer: str
+    method: str
+    user: bytes | None
+    message_without_verdict: bytes
+    verdict: Verdict
+    response: bytes
+    duration: float
+    message_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[IPV6]:PORT``. Raises ConfigError."""
+    host, separator, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ConfigError(f"invalid address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:783")
+    return host, int(port_text)
+
+
+def parse_trusted(addresses: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Parse trusted MTA addresses or networks. Raises ConfigError."""
+    networks = []
+    for address in addresses:
+        try:
+            networks.append(ipaddress.ip_network(address, strict=False))
+        except ValueError as error:
+            raise ConfigError(f"invalid trusted_mta address {address!r}: {error}") from error
+    return networks
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def _format_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.2f}"
+
+
+class ProxyServer:
+    """spamd proxy. Call start(), then shutdown() to stop it gracefully."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        learner: LearnerLike | None = None,
+        flow_key: bytes | None = None,
+        observation_factory: Callable[..., Any] | None = None,
+        scoring_workers: int = SCORING_WORKERS,
+        scoring_queue_size: int = SCORING_QUEUE_SIZE,
+    ) -> None:
+        self.config = config
+        self.learner = learner
+        self.flow_key = flow_key
+        self.listen_host, self.listen_port = parse_host_port(config.listen)
+        self.spamd_host, self.spamd_port = parse_host_port(config.spamd)
+        self.trusted = parse_trusted(config.trusted_mta)
+        self._observation_factory = observation_factory
+        self._worker_count = scoring_workers
+        self._queue: asyncio.Queue[ScoringJob] = asyncio.Queue(scoring_queue_size)
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._flow_failures = RateLimitedLog(logger)
+        self.dropped_jobs = 0
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle_connection,
+            self.listen_host,
+            self.listen_port,
+            limit=protocol.MAX_REQUEST_HEAD_BYTES,
+        )
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+        for _ in range(self._worker_count):
+            self._background.append(asyncio.create_task(self._scoring_worker()))
+        if self.learner is not None:
+            self._background.append(asyncio.create_task(self._reload_models()))
+        logger.info(
+            "proxy listening on %s:%s, spamd %s:%s",
+            self.listen_host, self.listen_port, self.spamd_host, self.spamd_port,
+        )
+
+    async def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop accepting, let in-flight requests and queued scoring finish, then stop."""
+        if self._server is not None:
+            self._server.close()
+        if self._connections:
+            logger.info("waiting for %d in-flight requests", len(self._connections))
+            _, pending = await asyncio.wait(set(self._connections), timeout=timeout)
+            for task in pending:
+                task.cancel()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+        except TimeoutError:
+            logger.warning("shutdown: %d scoring jobs not finished", self._queue.qsize())
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        logger.info("proxy stopped")
+
+    async def _reload_models(self) -> None:
+        assert self.learner is not None
+        while True:
+            await asyncio.sleep(MODEL_RELOAD_INTERVAL)
+            try:
+                await asyncio.to_thread(self.learner.reload_if_changed)
+            except Exception:
+                logger.exception("model reload failed")
+
+    # Connections
+
+    async def _handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve(reader, writer, peer)
+        except (ConnectionError, TimeoutError) as error:
+            logger.info("peer=%s connection ended: %r", _peer_text(peer), error)
+        except Exception:
+            logger.exception("peer=%s request failed", _peer_text(peer))
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any
+    ) -> None:
+        started = time.monotonic()
+        consumed = bytearray()
+        try:
+            async with asyncio.timeout(self.config.client_timeout):
+                request = await self._read_request(reader, consumed)
+        except _PassThroughError as reason:
+            await self._pass_through(bytes(consumed), reader, writer, peer, str(reason), started)
+            return
+        except TimeoutError:
+            reason = f"request not complete after {self.config.client_timeout} s"
+            await self._pass_through(bytes(consumed), reader, writer, peer, reason, started)
+            return
+        await self._scan(request, writer, peer, started)
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, consumed: bytearray
+    ) -> ScanRequest:
+        """Read one request that the proxy may rewrite, appending what it reads to consumed.
+
+        Raises _PassThroughError when the request must reach spamd unchanged. Bytes not
+        in consumed remain in reader.
+        """
+        line = await self._read_line(reader, consumed)
+        try:
+            method, version = protocol.parse_request_line(line)
+        except protocol.SpamdProtocolError as error:
+            raise _PassThroughError(str(error)) from None
+        if method not in protocol.SCORED_METHODS:
+            raise _PassThroughError(f"{method} carries no message to score")
+        if not MIN_REWRITE_VERSION <= version <= MAX_REWRITE_VERSION:
+            raise _PassThroughError(f"protocol version {version[0]}.{version[1]}")
+
+        while not consumed.endswith(protocol.HEAD_END):
+            await self._read_line(reader, consumed)
+        try:
+            head = protocol.parse_request_head(bytes(consumed))
+            length = head.content_length()
+        except protocol.SpamdProtocolError as error:
+            raise _PassThroughError(str(error)) from None
+        self._check_header_spelling(head)
+        if length is None:
+            raise _PassThroughError("no Content-length")
+        if length > self.config.max_message_size:
+            raise _PassThroughError(f"Content-length {length} above max_message_size")
+
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError as error:
+            consumed += error.partial
+            raise _PassThroughError(
+                f"body has {len(error.partial)} of {length} bytes"
+            ) from None
+        consumed += body
+        compressed = self._is_compressed(head)
+        message = self._decompress(body) if compressed else body
+        return ScanRequest(head=head, message=message, compressed=compressed, raw=bytes(consumed))
+
+    @staticmethod
+    async def _read_line(reader: asyncio.StreamReader, consumed: bytearray) -> bytes:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as error:
+            consumed += error.partial
+            raise _PassThroughError("end of input inside the request head") from None
+        except asyncio.LimitOverrunError:
+            raise _PassThroughError("request head too long") from None
+        consumed += line
+        if len(consumed) > protocol.MAX_REQUEST_HEAD_BYTES:
+            raise _PassThroughError("request head too long")
+        return line
+
+    @staticmethod
+    def _check_header_spelling(head: protocol.RequestHead) -> None:
+        for header in head.headers:
+            expected = SPAMD_HEADER_SPELLING.get(header.name.lower())
+            if expected is not None and header.name != expected:
+                # spamd ignores the header when spelt differently and would see
+                # another request than the proxy.
+                raise _PassThroughError(f"header spelt {header.name!r}")
+        if len(head.find("User")) > 1 or len(head.find("Compress")) > 1:
+            raise _PassThroughError("repeated User or Compress header")
+
+    @staticmethod
+    def _is_compressed(head: protocol.RequestHead) -> bool:
+        found = head.find("Compress")
+        if not found:
+            return False
+        if found[0].value.strip().lower() != b"zlib":
+            raise _PassThroughError(f"Compress value {found[0].value[:20]!r}")
+        return True
+
+    def _decompress(self, body: bytes) -> bytes:
+        decompressor = zlib.decompressobj()
+        try:
+            message = decompressor.decompress(body, self.config.max_message_size + 1)
+        except zlib.error as error:
+            raise _PassThroughError(f"zlib data invalid: {error}") from None
+        if len(message) > self.config.max_message_size:
+            raise _PassThroughError("decompressed message above max_message_size")
+        if not decompressor.eof:
+            raise _PassThroughError("zlib stream incomplete")
+        return message
+
+    # Forwarding
+
+    async def _open_spamd(
+        self, peer: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            async with asyncio.timeout(SPAMD_CONNECT_TIMEOUT):
+                return await asyncio.open_connection(self.spamd_host, self.spamd_port)
+        except (OSError, TimeoutError) as error:
+            logger.error(
+                "peer=%s spamd %s:%s unreachable, closing the client connection: %r",
+                _peer_text(peer), self.spamd_host, self.spamd_port, error,
+            )
+            return None
+
+    async def _pass_through(
+        self,
+        prefix: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Any,
+        reason: str,
+        started: float,
+    ) -> None:
+        """Send prefix to spamd, then copy both directions until spamd closes."""
+        method = prefix.split(b" ", 1)[0][:20].decode("ascii", errors="replace") or "-"
+        logger.debug("peer=%s forwarding unchanged: %s", _peer_text(peer), reason)
+        connection = await self._open_spamd(peer)
+        if connection is None:
+            return
+        spamd_reader, spamd_writer = connection
+        upstream = asyncio.create_task(self._copy_to_spamd(prefix, reader, spamd_writer))
+        try:
+            async with asyncio.timeout(self.config.spamd_timeout):
+                await self._copy(spamd_reader, writer)
+        finally:
+            upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+            spamd_writer.close()
+        logger.info(
+            "request peer=%s method=%s passed through (%s) duration=%.3f",
+            _peer_text(peer), method, reason, time.monotonic() - started,
+        )
+
+    @staticmethod
+    async def _copy_to_spamd(
+        prefix: bytes, reader: asyncio.StreamReader, spamd_writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            spamd_writer.write(prefix)
+            await spamd_writer.drain()
+            while chunk := await reader.read(PIPE_CHUNK_BYTES):
+                spamd_writer.write(chunk)
+                await spamd_writer.drain()
+            if spamd_writer.can_write_eof():
+                spamd_writer.write_eof()
+
+    @staticmethod
+    async def _copy(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, keep: int = 0
+    ) -> bytes:
+        """Copy source to sink until EOF and return the first keep bytes."""
+        kept = bytearray()
+        while chunk := await source.read(PIPE_CHUNK_BYTES):
+            if len(kept) < keep:
+                kept += chunk[: keep - len(kept)]
+            sink.write(chunk)
+            await sink.drain()
+        return bytes(kept)
+
+    # Scanning
+
+    async def _scan(
+        self, request: ScanRequest, writer: asyncio.StreamWriter, peer: Any, started: float
+    ) -> None:
+        method = request.head.method
+        outgoing, cleaned, verdict = await self._rewrite(request, peer)
+
+        connection = await self._open_spamd(peer)
+        if connection is None:
+            return
+        spamd_reader, spamd_writer = connection
+        try:
+            spamd_writer.write(outgoing)
+            await spamd_writer.drain()
+            spamd_writer.write_eof()
+            async with asyncio.timeout(self.config.spamd_timeout):
+                response = await self._copy(
+                    spamd_reader, writer, keep=protocol.MAX_RESPONSE_HEAD_BYTES
+                )
+        finally:
+            spamd_writer.close()
+        writer.close()
+
+        user = request.head.find("User")
+        job = ScoringJob(
+            peer=_peer_text(peer),
+            method=method,
+            user=user[0].value if user else None,
+            message_without_verdict=cleaned,
+            verdict=verdict,
+            response=response,
+            duration=time.monotonic() - started,
+            message_id=message_headers.find_header(cleaned, "Message-Id"),
+        )
+        self._enqueue(job)
+
+    async def _rewrite(
+        self, request: ScanRequest, peer: Any
+    ) -> tuple[bytes, bytes, Verdict]:
+        """Return the request to send, the message without verdict, and the verdict.
+
+        Each failing step falls back to less: a failed verdict lookup leaves the message
+        without a verdict, and a failed header edit sends the client's bytes unchanged.
+        """
+        method = request.head.method
+        try:
+            cleaned = message_headers.remove_header(request.message, VERDICT_HEADER)
+        except Exception:
+            logger.exception(
+                "peer=%s method=%s removing %s failed, forwarding the request unchanged",
+                _peer_text(peer), method, VERDICT_HEADER,
+            )
+            return request.raw, request.message, Verdict()
+
+        try:
+            verdict = await self._find_verdict(cleaned, peer)
+            forwarded = cleaned
+            if verdict.header_value is not None:
+                forwarded = message_headers.prepend_header(
+                    cleaned, VERDICT_HEADER, verdict.header_value
+                )
+        except Exception:
+            logger.exception(
+                "peer=%s method=%s verdict failed, scanning without it", _peer_text(peer), method
+            )
+            verdict = Verdict()
+            forwarded = cleaned
+
+        try:
+            body = zlib.compress(forwarded) if request.compressed else forwarded
+            return request.head.with_content_length(len(body)) + body, cleaned, verdict
+        except Exception:
+            logger.exception(
+                "peer=%s method=%s request rewrite failed, forwarding it unchanged",
+                _peer_text(peer), method,
+            )
+            return request.raw, request.message, Verdict()
+
+    async def _find_verdict(self, message: bytes, peer: Any) -> Verdict:
+        """Look up the flow's features and the model's p. Missing pieces stay None."""
+        verdict = Verdict()
+        if not self._is_trusted(peer):
+            return verdict
+        value = message_headers.find_header(message, FLOW_HEADER)
+        if value is None:
+            return verdict
+        try:
+            identity = verify_flow_header_value(value, self.flow_key)
+        except FlowIdError as error:
+            self._flow_failures.warning("peer=%s flow header rejected: %s", _peer_text(peer), error)
+            return verdict
+        verdict.flow = identity.flow
+
+        verdict.features = await query_tap_features(
+            self.config.tap_socket, identity.ip, identity.port, self.config.tap_timeout
+        )
+        model = self.learner.model if self.learner is not None else None
+        if verdict.features is None or model is None:
+            return verdict
+
+        p = float(model.predict_spam_probability(verdict.features))
+        verdict.p = min(1.0, max(0.0, p))
+        verdict.model = model.name
+        verdict.header_value = f"p={verdict.p:.2f}; model={model.name}; flow={identity.flow}"
+        return verdict
+
+    def _is_trusted(self, peer: Any) -> bool:
+        if not isinstance(peer, tuple):
+            return False
+        try:
+            address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    # Background scoring
+
+    def _enqueue(self, job: ScoringJob) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.dropped_jobs += 1
+            logger.warning(
+                "request peer=%s method=%s flow=%s p=%s not recorded: scoring queue full "
+                "(%d dropped so far)",
+                job.peer, job.method, job.verdict.flow or "-", _format_p(job.verdict.p),
+                self.dropped_jobs,
+            )
+
+    async def _scoring_worker(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._record(job)
+            except Exception:
+                logger.exception("peer=%s scoring for learning failed", job.peer)
+            finally:
+                self._queue.task_done()
+
+    async def _record(self, job: ScoringJob) -> None:
+        spam = None
+        code = None
+        try:
+            head = protocol.parse_response_head(job.response)
+            code = head.code
+            spam = head.spam()
+        except protocol.SpamdProtocolError as error:
+            logger.warning("peer=%s spamd response not parsed: %s", job.peer, error)
+
+        base_score = None
+        if spam is not None and code == protocol.SpamdExitCode.EX_OK:
+            if job.verdict.header_value is None:
+                base_score = spam.score
+            else:
+                base_score = await self._score_without_verdict(job)
+
+        logger.info(
+            "request peer=%s method=%s flow=%s p=%s score=%s base_score=%s duration=%.3f",
+            job.peer, job.method, job.verdict.flow or "-", _format_p(job.verdict.p),
+            "-" if spam is None else spam.score,
+            "-" if base_score is None else base_score,
+            job.duration,
+        )
+        if self.learner is None or spam is None or base_score is None:
+            return
+        observation = self._make_observation(
+            ts=time.time(),
+            flow=job.verdict.flow,
+            message_id=job.message_id,
+            method=job.method,
+            score=spam.score,
+            base_score=base_score,
+            threshold=spam.threshold,
+            p=job.verdict.p,
+            model=job.verdict.model,
+            label=self.learner.label_for(base_score),
+            features=job.verdict.features,
+        )
+        await asyncio.to_thread(self.learner.observe, observation)
+
+    def _make_observation(self, **fields: Any) -> Any:
+        if self._observation_factory is None:
+            from spamflow.models.store import Observation
+
+            self._observation_factory = Observation
+        return self._observation_factory(**fields)
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes:
+        """Read up to EOF or MAX_RESPONSE_HEAD_BYTES, whichever comes first."""
+        data = bytearray()
+        while len(data) < protocol.MAX_RESPONSE_HEAD_BYTES:
+            chunk = await reader.read(protocol.MAX_RESPONSE_HEAD_BYTES - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+
+    async def _score_without_verdict(self, job: ScoringJob) -> float | None:
+        """Send spamd a CHECK of the message without the verdict header; return its score."""
+        request = protocol.format_request("CHECK", job.message_without_verdict, job.user)
+        connection = await self._open_spamd(job.peer)
+        if connection is None:
+            return None
+        spamd_reader, spamd_writer = connection
+        try:
+            spamd_writer.write(request)
+            await spamd_writer.drain()
+            spamd_writer.write_eof()
+            async with asyncio.timeout(self.config.spamd_timeout):
+                response = await self._read_head(spamd_reader)
+        finally:
+            spamd_writer.close()
+        head = protocol.parse_response_head(response)
+        spam = head.spam()
+        if head.code != protocol.SpamdExitCode.EX_OK or spam is None:
+            logger.warning(
+                "peer=%s CHECK without verdict returned %s %s", job.peer, head.code, head.message
+            )
+            return None
+        return spam.score
+
+
+async def serve_proxy(
+    config: ProxyConfig,
+    learner: LearnerLike | None,
+    flow_key: bytes | None,
+) -> None:
+    """Run the proxy until SIGTERM or SIGINT, then shut it down gracefully."""
+    server = ProxyServer(config, learner, flow_key)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        logger.info("stop signal received, shutting down")
+    finally:
+        await server.shutdown()
