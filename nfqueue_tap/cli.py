@@ -1,0 +1,94 @@
+"""The ``spamflow tap`` subcommand: run the NFQUEUE tap, or read a capture offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from spamflow.config import ConfigError, TapConfig, apply_overrides, load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``tap`` subcommand to the spamflow command line."""
+    parser = subparsers.add_parser(
+        "tap",
+        help="measure TCP features of mail connections from an NFQUEUE (needs root)",
+        description=(
+            "Accept every packet of an NFQUEUE queue, compute per-connection TCP "
+            "features and serve them on a Unix socket. With --pcap, compute the features "
+            "of a capture file instead, print one JSON line per flow and exit."
+        ),
+    )
+    parser.add_argument("--queue", type=int, help="NFQUEUE queue number (config: tap.queue)")
+    parser.add_argument("--socket", help="path of the query Unix socket (config: tap.socket)")
+    parser.add_argument(
+        "--server-port",
+        type=int,
+        help="TCP port of the mail server; the other end is the remote peer "
+        "(config: tap.server_port)",
+    )
+    parser.add_argument(
+        "--max-flows", type=int, help="max flows kept in memory (config: tap.max_flows)"
+    )
+    parser.add_argument(
+        "--linger",
+        type=float,
+        help="seconds a flow stays queryable after its last packet (config: tap.linger)",
+    )
+    parser.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="read this pcap or pcapng file (may be gzip-compressed) instead of the queue",
+    )
+    parser.set_defaults(func=run)
+
+
+def tap_config(args: argparse.Namespace) -> TapConfig:
+    """Read the [tap] table of the config file and apply the command-line options.
+
+    Raises ConfigError for values out of range.
+    """
+    config = load_config(getattr(args, "config", None)).tap
+    apply_overrides(
+        config,
+        {
+            "queue": args.queue,
+            "socket": args.socket,
+            "server_port": args.server_port,
+            "max_flows": args.max_flows,
+            "linger": args.linger,
+        },
+    )
+    if not 0 <= config.queue <= 65535:
+        raise ConfigError(f"invalid tap queue {config.queue}: expected 0-65535")
+    if not 0 < config.server_port < 65536:
+        raise ConfigError(f"invalid tap server_port {config.server_port}: expected 1-65535")
+    if config.max_flows < 1:
+        raise ConfigError(f"invalid tap max_flows {config.max_flows}: expected at least 1")
+    if not config.linger > 0:
+        raise ConfigError(f"invalid tap linger {config.linger}: expected seconds > 0")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = tap_config(args)
+    if args.pcap:
+        return _run_offline(args.pcap, config)
+
+    from spamflow.nfqueue_tap.server import run_tap
+
+    return run_tap(config)
+
+
+def _run_offline(path: str, config: TapConfig) -> int:
+    from spamflow.nfqueue_tap.pcap import CaptureFormatError, capture_flows, flow_record
+
+    try:
+        flows = capture_flows(path, config.server_port, config.max_flows, config.linger)
+    except (OSError, CaptureFormatError) as error:
+        print(f"spamflow tap: cannot read capture: {error}", file=sys.stderr)
+        return 1
+    for key, flow in flows:
+        print(json.dumps(flow_record(key, flow), separators=(",", ":")))
+    return 0
