@@ -1,0 +1,159 @@
+"""Save and load FlowModel files.
+
+A model file is a pickle, and unpickling runs code chosen by whoever wrote the file. So
+load_model unpickles only a regular file that nobody but root and the current user can
+have written, in a directory that nobody else can have changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import joblib
+
+from spamflow.models.classifier import MODEL_KINDS, FeatureSchemaError, FlowModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """A model file could not be loaded."""
+
+
+class UnsafeModelError(ModelLoadError):
+    """A model file or one of its directories could have been written by another user."""
+
+
+class IncompatibleModelError(ModelLoadError):
+    """A model file contains something other than a FlowModel for the current schema."""
+
+
+def save_model(model: FlowModel, path: str | Path) -> None:
+    """Write model to path atomically with mode 0600.
+
+    The model goes to a temporary file in the same directory, which is flushed to disk
+    and then renamed over path, so a reader sees either the old or the new file. Missing
+    parent directories are created with mode 0700.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # mkstemp creates the file with mode 0600 whatever the umask.
+    descriptor, temporary_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            joblib.dump(model, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary_name, path)
+    except BaseException:
+        try:
+            os.unlink(temporary_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+    # Persist the rename itself.
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    log.info("model %s saved to %s", model.name, path)
+
+
+def check_model_file(path: str | Path) -> os.stat_result:
+    """Raise UnsafeModelError unless path is safe to unpickle, else return its lstat.
+
+    Checks: path is a regular file and not a symbolic link, and the file and its parent
+    directory are owned by root or the current effective user and are not writable by
+    group or others. Directories above the parent may be writable by others only when
+    their sticky bit is set (as on /tmp), because then nobody else can rename our entries.
+    Raises FileNotFoundError when path does not exist.
+    """
+    path = Path(path)
+    file_status = os.lstat(path)
+    if stat.S_ISLNK(file_status.st_mode):
+        raise UnsafeModelError(
+            f"model file {path} is a symbolic link; point the model option at the real "
+            f"file ({os.path.realpath(path)}) instead"
+        )
+    if not stat.S_ISREG(file_status.st_mode):
+        raise UnsafeModelError(f"model file {path} is not a regular file")
+    _check_owner_and_mode(path, file_status, "model file")
+
+    parent = path.absolute().parent
+    parent_status = os.stat(parent)
+    _check_owner_and_mode(parent, parent_status, "model directory")
+
+    for ancestor in parent.resolve().parents:
+        ancestor_status = os.stat(ancestor)
+        sticky = bool(ancestor_status.st_mode & stat.S_ISVTX)
+        if not sticky:
+            _check_owner_and_mode(ancestor, ancestor_status, "directory above the model")
+    return file_status
+
+
+def load_model(path: str | Path) -> FlowModel:
+    """Load a model saved by save_model after check_model_file accepts the file.
+
+    Raises UnsafeModelError when a safety check fails, IncompatibleModelError when the
+    file contains no FlowModel for the current feature schema, ModelLoadError when it
+    cannot be unpickled, and FileNotFoundError when it is missing.
+    """
+    path = Path(path)
+    checked_status = check_model_file(path)
+
+    # O_NOFOLLOW and the inode comparison catch a file swapped after the checks.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(descriptor, "rb") as handle:
+        opened_status = os.fstat(handle.fileno())
+        if (opened_status.st_dev, opened_status.st_ino) != (
+            checked_status.st_dev,
+            checked_status.st_ino,
+        ):
+            raise UnsafeModelError(f"model file {path} was replaced while it was checked")
+        try:
+            model = joblib.load(handle)
+        # Unpickling a damaged file can raise almost any exception type.
+        except Exception as error:
+            raise ModelLoadError(
+                f"cannot unpickle model file {path}: {type(error).__name__}: {error}; "
+                f"retrain it with 'spamflow train'"
+            ) from error
+
+    if not isinstance(model, FlowModel):
+        raise IncompatibleModelError(
+            f"model file {path} contains a {type(model).__name__}, expected a FlowModel; "
+            f"retrain it with 'spamflow train'"
+        )
+    if model.kind not in MODEL_KINDS:
+        raise IncompatibleModelError(
+            f"model file {path} has unknown kind {model.kind!r}; "
+            f"allowed kinds: {', '.join(MODEL_KINDS)}"
+        )
+    try:
+        model.check_schema()
+    except FeatureSchemaError as error:
+        raise IncompatibleModelError(f"model file {path}: {error}") from error
+    return model
+
+
+def _check_owner_and_mode(path: Path, status: os.stat_result, what: str) -> None:
+    allowed_owners = {0, os.geteuid()}
+    if status.st_uid not in allowed_owners:
+        raise UnsafeModelError(
+            f"{what} {path} is owned by uid {status.st_uid}, not by root or the current "
+            f"user (uid {os.geteuid()}); chown it to one of them"
+        )
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeModelError(
+            f"{what} {path} is writable by group or others "
+            f"(mode {stat.filemode(status.st_mode)}); run chmod go-w {path}"
+        )

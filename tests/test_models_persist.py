@@ -1,0 +1,184 @@
+"""Model files: atomic save, and load only from files nobody else can have written."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spamflow.models.classifier import FlowModel, train_model
+from spamflow.models.persist import (
+    IncompatibleModelError,
+    ModelLoadError,
+    UnsafeModelError,
+    load_model,
+    save_model,
+)
+from spamflow.nfqueue_tap.schema import FEATURE_NAMES
+
+OTHER_UID = 54321
+
+
+@pytest.fixture(scope="module")
+def model() -> FlowModel:
+    rng = np.random.default_rng(3)
+    X = np.vstack(
+        [rng.normal(0.0, 1.0, (15, len(FEATURE_NAMES))), rng.normal(6.0, 1.0, (15, len(FEATURE_NAMES)))]
+    )
+    y = np.array([0] * 15 + [1] * 15)
+    return train_model(X, y, "tree")
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def test_round_trip(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    loaded = load_model(path)
+    probe = {name: 6.0 for name in FEATURE_NAMES}
+    assert loaded.name == model.name
+    assert loaded.kind == "tree"
+    assert loaded.trained_at == model.trained_at
+    assert loaded.predict_spam_probability(probe) == model.predict_spam_probability(probe)
+
+
+def test_saved_file_private(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_save_leaves_no_temporary(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    save_model(model, path)
+    assert sorted(entry.name for entry in model_dir.iterdir()) == ["model.joblib"]
+
+
+def test_save_creates_directory(model: FlowModel, tmp_path: Path) -> None:
+    path = tmp_path / "new" / "model.joblib"
+    save_model(model, path)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert load_model(path).name == model.name
+
+
+def test_save_replaces_atomically(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    inode_before = path.stat().st_ino
+    save_model(model, path)
+    assert path.stat().st_ino != inode_before
+
+
+def test_rejects_world_writable_file(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    path.chmod(0o666)
+    with pytest.raises(UnsafeModelError, match="model file .* writable by group or others"):
+        load_model(path)
+
+
+def test_rejects_group_writable_file(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    path.chmod(0o620)
+    with pytest.raises(UnsafeModelError, match="chmod go-w"):
+        load_model(path)
+
+
+def test_rejects_world_writable_dir(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    model_dir.chmod(0o777)
+    with pytest.raises(UnsafeModelError, match="model directory .* writable by group"):
+        load_model(path)
+
+
+def test_rejects_sticky_world_writable_dir(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    model_dir.chmod(0o1777)
+    with pytest.raises(UnsafeModelError, match="model directory"):
+        load_model(path)
+
+
+def test_rejects_symlink(model: FlowModel, model_dir: Path) -> None:
+    target = model_dir / "model.joblib"
+    save_model(model, target)
+    link = model_dir / "link.joblib"
+    link.symlink_to(target)
+    with pytest.raises(UnsafeModelError, match="symbolic link"):
+        load_model(link)
+
+
+def test_rejects_directory(model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    path.mkdir()
+    with pytest.raises(UnsafeModelError, match="not a regular file"):
+        load_model(path)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_rejects_foreign_owner(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(UnsafeModelError, match=f"owned by uid {OTHER_UID}"):
+        load_model(path)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_rejects_foreign_owned_dir(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    os.chown(model_dir, OTHER_UID, OTHER_UID)
+    with pytest.raises(UnsafeModelError, match="model directory .* owned by uid"):
+        load_model(path)
+
+
+def test_missing_file(model_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_model(model_dir / "absent.joblib")
+
+
+def test_rejects_other_object(model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        pickle.dump({"not": "a model"}, handle)
+    with pytest.raises(IncompatibleModelError, match="contains a dict"):
+        load_model(path)
+
+
+def test_rejects_damaged_file(model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(b"\x80\x04not a pickle")
+    with pytest.raises(ModelLoadError, match="cannot unpickle"):
+        load_model(path)
+
+
+def test_rejects_other_schema(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    old = FlowModel(
+        kind=model.kind,
+        estimator=model.estimator,
+        feature_names=("syn_ttl", "old_feature"),
+        n_examples=model.n_examples,
+        trained_at=model.trained_at,
+    )
+    save_model(old, path)
+    with pytest.raises(IncompatibleModelError, match="other features than the current schema"):
+        load_model(path)
