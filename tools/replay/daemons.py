@@ -1,0 +1,95 @@
+"""Start and stop the spamflow daemons of a testbed, each with its own log file."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from spamflow.replay.netns import netns_exec
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+
+
+class DaemonError(RuntimeError):
+    """A daemon exited early or did not become ready in time."""
+
+
+class Daemon:
+    """One ``python -m spamflow ...`` process inside a namespace, logging to a file."""
+
+    def __init__(self, name: str, namespace: str | None, args: list[str], log_path: Path,
+                 config: Path | None = None) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.log_path = log_path
+        command = [sys.executable, "-m", "spamflow"]
+        if config is not None:
+            command += ["-c", str(config)]
+        command += args
+        self.command = netns_exec(namespace, *command) if namespace else command
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        log.info("%s started (pid %d): %s", self.name, self.process.pid, " ".join(self.command))
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_running(self) -> None:
+        """Raise DaemonError with the log tail when the process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise DaemonError(
+                f"{self.name} exited with status {self.process.returncode}\n{self.log_tail()}"
+            )
+
+    def wait_until(self, ready: object, timeout: float, what: str) -> None:
+        """Poll ready() until it returns True, raising DaemonError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            if ready():  # type: ignore[operator]
+                return
+            time.sleep(0.1)
+        raise DaemonError(f"{self.name} did not {what} within {timeout:.0f} s\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """Kill the process at once (SIGKILL), as a crash would."""
+        if self.running():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait()
+            log.info("%s killed", self.name)
+
+    def stop(self) -> None:
+        if self.running():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s, killing it", self.name, STOP_TIMEOUT)
+                self.process.kill()
+                self.process.wait()
+            log.info("%s stopped (exit status %s)", self.name, self.process.returncode)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return f"(no log at {self.log_path})"
+        return f"{self.log_path} tail:\n" + "\n".join(text.splitlines()[-lines:])
