@@ -26,9 +26,8 @@ OTHER_UID = 54321
 @pytest.fixture(scope="module")
 def model() -> FlowModel:
     rng = np.random.default_rng(3)
-    X = np.vstack(
-        [rng.normal(0.0, 1.0, (15, len(FEATURE_NAMES))), rng.normal(6.0, 1.0, (15, len(FEATURE_NAMES)))]
-    )
+    shape = (15, len(FEATURE_NAMES))
+    X = np.vstack([rng.normal(0.0, 1.0, shape), rng.normal(6.0, 1.0, shape)])
     y = np.array([0] * 15 + [1] * 15)
     return train_model(X, y, "tree")
 

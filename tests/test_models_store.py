@@ -13,7 +13,9 @@ from spamflow.models.store import ExampleStore, Observation
 from spamflow.nfqueue_tap.schema import FEATURE_NAMES, MISSING
 
 
-def make_observation(label: int | None, features: dict[str, float] | None, **fields) -> Observation:
+def make_observation(
+    label: int | None, features: dict[str, float] | None, **fields: object
+) -> Observation:
     values = dict(
         ts=1733327000.5,
         flow="10.77.1.2:40211",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,31 @@ def test_stop_without_start(tmp_path: Path) -> None:
     instance = SpamdInstance(tmp_path / "never")
     instance.stop()
     assert not instance.log_path.exists()
+
+
+@pytest.fixture
+def netns():
+    name = f"sft-models-{os.getpid()}-spamd"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.spamd
+def test_runs_inside_netns(tmp_path: Path, netns: str) -> None:
+    with SpamdInstance(tmp_path, netns=netns) as instance:
+        command = [
+            "ip", "netns", "exec", netns, sys.executable, "-c",
+            "import sys\n"
+            "from spamflow.replay.spamd import send_request\n"
+            f"print(send_request('127.0.0.1', {instance.port}, 'PING').status_line)\n",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == "SPAMD/1.5 0 PONG", result.stderr
+        # The host namespace has no listener on that port.
+        with pytest.raises(OSError):
+            send_request("127.0.0.1", instance.port, "PING", timeout=2)

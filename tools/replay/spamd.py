@@ -198,8 +198,8 @@ class SpamdInstance:
     Files in workdir: ``site/`` (site configuration), ``spamd.log`` (its log) and
     ``spamd.pid``. When spamd runs as root and the user nobody cannot read workdir, the
     site configuration and pid file go to a temporary directory that stop() removes, so
-    read them through ``site_config`` and ``pid_path``. With netns set, spamd runs under ``ip netns exec NS`` and the
-    readiness PING is sent from inside that namespace.
+    read them through ``site_config`` and ``pid_path``. With netns set, spamd runs under
+    ``ip netns exec NS`` and the readiness PING is sent from inside that namespace.
     """
 
     def __init__(
