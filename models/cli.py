@@ -1,0 +1,80 @@
+"""``spamflow train``: train a flow model from the example store and save it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Kept in step with classifier.MODEL_KINDS, which this module does not import so the CLI
+# starts without loading numpy and scikit-learn.
+KIND_CHOICES = ("nb", "tree", "svm", "xgb")
+CV_FOLDS = 5
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a flow model from the example store",
+        description=(
+            "Train a flow model on the labelled examples in the store, print the "
+            f"examples per class and the {CV_FOLDS}-fold cross-validated accuracy, and "
+            "save the model where the proxy loads it."
+        ),
+    )
+    parser.add_argument("--db", help="example store (default: [proxy] db of the config)")
+    parser.add_argument("--model", help="model file to write (default: [proxy] model)")
+    parser.add_argument(
+        "--kind",
+        choices=KIND_CHOICES,
+        help="model kind (default: [learn] model_kind of the config)",
+    )
+    parser.add_argument(
+        "--min-examples",
+        type=int,
+        help="minimum examples per class (default: [learn] min_examples_per_class)",
+    )
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from spamflow.config import load_config
+    from spamflow.models.classifier import cross_validated_accuracy, train_model
+    from spamflow.models.persist import save_model
+    from spamflow.models.store import ExampleStore
+
+    config = load_config(getattr(args, "config", None))
+    db_path = Path(args.db or config.proxy.db)
+    model_path = Path(args.model or config.proxy.model)
+    kind = args.kind or config.learn.model_kind
+    min_examples = (
+        args.min_examples if args.min_examples is not None else config.learn.min_examples_per_class
+    )
+
+    # Opening a missing store would create an empty one, so check first.
+    if not db_path.is_file():
+        print(f"spamflow train: example store {db_path} not found; run the proxy first "
+              f"or pass --db", file=sys.stderr)
+        return 1
+
+    with ExampleStore(db_path) as store:
+        X, y = store.training_data()
+    ham_count = int((y == 0).sum())
+    spam_count = int((y == 1).sum())
+    print(f"examples: {ham_count} ham, {spam_count} spam")
+    if min(ham_count, spam_count) < max(min_examples, 1):
+        print(f"spamflow train: too few examples in {db_path}: each class needs at least "
+              f"{min_examples}; lower --min-examples or collect more mail", file=sys.stderr)
+        return 1
+
+    accuracy = cross_validated_accuracy(X, y, kind, folds=CV_FOLDS)
+    if accuracy is None:
+        print(f"{CV_FOLDS}-fold cross-validated accuracy: skipped, a class has fewer "
+              f"than {CV_FOLDS} examples")
+    else:
+        print(f"{CV_FOLDS}-fold cross-validated accuracy ({kind}): {accuracy:.3f}")
+
+    model = train_model(X, y, kind)
+    save_model(model, model_path)
+    print(f"model {model.name} saved to {model_path}")
+    return 0
