@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 class AutoLearner:
     """Owns the current model: labels and records observations and retrains from them.
 
-    observe() runs in the caller's thread (the proxy's event loop) and only records a
-    row. Training runs in at most one background thread at a time. The new model
+    observe() runs in the caller's thread (the proxy's event loop) and does only an
+    SQLite insert and, when a retrain is due, a count query. Training runs in at most one
+    background thread at a time. The new model
     replaces the old one by a single attribute assignment, so ``model`` always returns a
     complete model.
     """

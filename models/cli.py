@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -57,8 +58,12 @@ def run_train(args: argparse.Namespace) -> int:
               f"or pass --db", file=sys.stderr)
         return 1
 
-    with ExampleStore(db_path) as store:
-        X, y = store.training_data()
+    try:
+        with ExampleStore(db_path) as store:
+            X, y = store.training_data()
+    except sqlite3.DatabaseError as error:
+        print(f"spamflow train: cannot read example store {db_path}: {error}", file=sys.stderr)
+        return 1
     ham_count = int((y == 0).sum())
     spam_count = int((y == 1).sum())
     print(f"examples: {ham_count} ham, {spam_count} spam")

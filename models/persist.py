@@ -1,8 +1,8 @@
 """Save and load FlowModel files.
 
-A model file is a pickle, and unpickling runs code chosen by whoever wrote the file. So
-load_model unpickles only a regular file that nobody but root and the current user can
-have written, in a directory that nobody else can have changed.
+A model file is a pickle, and unpickling runs code chosen by the file's writer. So
+load_model unpickles only a regular file that no user other than root and the current
+user can have written, in a directory that no other user can have changed.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def check_model_file(path: str | Path) -> os.stat_result:
     Checks: path is a regular file and not a symbolic link, and the file and its parent
     directory are owned by root or the current effective user and are not writable by
     group or others. Directories above the parent may be writable by others only when
-    their sticky bit is set (as on /tmp), because then nobody else can rename our entries.
+    their sticky bit is set (as on /tmp), because then only an entry's owner or root can
+    rename or delete it.
     Raises FileNotFoundError when path does not exist.
     """
     path = Path(path)
@@ -145,15 +146,15 @@ def load_model(path: str | Path) -> FlowModel:
     return model
 
 
-def _check_owner_and_mode(path: Path, status: os.stat_result, what: str) -> None:
+def _check_owner_and_mode(path: Path, status: os.stat_result, role: str) -> None:
     allowed_owners = {0, os.geteuid()}
     if status.st_uid not in allowed_owners:
         raise UnsafeModelError(
-            f"{what} {path} is owned by uid {status.st_uid}, not by root or the current "
+            f"{role} {path} is owned by uid {status.st_uid}, not by root or the current "
             f"user (uid {os.geteuid()}); chown it to one of them"
         )
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeModelError(
-            f"{what} {path} is writable by group or others "
+            f"{role} {path} is writable by group or others "
             f"(mode {stat.filemode(status.st_mode)}); run chmod go-w {path}"
         )

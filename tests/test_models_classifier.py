@@ -12,10 +12,10 @@ from spamflow.models.classifier import (
     cross_validated_accuracy,
     train_model,
 )
-from spamflow.nfqueue_tap.schema import FEATURE_NAMES
+from spamflow.nfqueue_tap.schema import FEATURE_NAMES, MISSING
 
-# Ham flows: low RTT, no retransmissions, TTL near 64. Spam flows: high RTT, retransmits,
-# TTL near 128 hops away.
+# Ham flows: low RTT, no retransmissions, SYN TTL 60 (initial TTL 64). Spam flows: high
+# RTT, retransmissions, SYN TTL 110 (initial TTL 128).
 HAM_CENTER = {"handshake_rtt_ms": 20.0, "retransmissions_in": 0.0, "syn_ttl": 60.0}
 SPAM_CENTER = {"handshake_rtt_ms": 400.0, "retransmissions_in": 6.0, "syn_ttl": 110.0}
 SPREAD = {"handshake_rtt_ms": 10.0, "retransmissions_in": 0.5, "syn_ttl": 3.0}
@@ -75,9 +75,15 @@ def test_probability_in_unit_interval(trained: dict[str, FlowModel], kind: str) 
     assert 0.0 <= p <= 1.0
 
 
-def test_missing_and_nan_features(trained: dict[str, FlowModel]) -> None:
-    p = trained["nb"].predict_spam_probability({"syn_ttl": float("nan")})
-    assert 0.0 <= p <= 1.0
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_nan_feature_counts_missing(trained: dict[str, FlowModel], kind: str) -> None:
+    with_nan = dict(flow_features(SPAM_CENTER, None), syn_ttl=float("nan"))
+    with_missing = dict(flow_features(SPAM_CENTER, None), syn_ttl=MISSING)
+    absent = flow_features(SPAM_CENTER, None)
+    del absent["syn_ttl"]
+    expected = trained[kind].predict_spam_probability(with_missing)
+    assert trained[kind].predict_spam_probability(with_nan) == expected
+    assert trained[kind].predict_spam_probability(absent) == expected
 
 
 def test_unknown_kind_lists_allowed() -> None:
@@ -94,7 +100,7 @@ def test_missing_class_rejected() -> None:
 
 def test_wrong_column_count_rejected() -> None:
     X, y = separable_data(per_class=5)
-    with pytest.raises(ValueError, match="expected \\(n, 20\\)"):
+    with pytest.raises(ValueError, match=f"expected \\(n, {len(FEATURE_NAMES)}\\)"):
         train_model(X[:, :3], y, "nb")
 
 

@@ -121,3 +121,11 @@ def test_train_each_kind(tmp_path: Path, kind: str) -> None:
     assert model.name == f"{kind}-20"
     assert model.predict_spam_probability(SPAM_FEATURES) > 0.5
     assert model.predict_spam_probability(HAM_FEATURES) < 0.5
+
+
+def test_train_damaged_store(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    db.write_bytes(b"this is not an SQLite database, just text" * 100)
+    result = run_spamflow("--db", str(db), "--model", str(tmp_path / "model.joblib"))
+    assert result.returncode == 1
+    assert f"cannot read example store {db}" in result.stderr

@@ -1,4 +1,4 @@
-"""Model files: atomic save, and load only from files nobody else can have written."""
+"""Model files: atomic save, and load only from files no other user can have written."""
 
 from __future__ import annotations
 
