@@ -119,7 +119,7 @@ def make_estimator(kind: str) -> Any:
         from sklearn.svm import SVC
 
         # Platt scaling on cross-validated decision values. scikit-learn 1.9 deprecates
-        # SVC(probability=True) in favour of this equivalent wrapper.
+        # SVC(probability=True) and names this wrapper as its replacement.
         calibrated = CalibratedClassifierCV(
             SVC(kernel="rbf", random_state=RANDOM_STATE),
             method="sigmoid",

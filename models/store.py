@@ -74,7 +74,7 @@ class Observation:
 
 
 class ExampleStore:
-    """Observations in one SQLite file, shared by the event loop and a training thread.
+    """Observations in one SQLite file, shared by the proxy's threads and a training thread.
 
     A single connection serves every thread, and a lock serializes its use. The file is
     created with mode 0600 because message ids and peer addresses identify correspondents.
