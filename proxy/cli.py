@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     proxy.add_argument("--spamd", type=_host_port, help="HOST:PORT of the real spamd")
     proxy.add_argument("--tap-socket", help="Unix socket path of the packet tap")
     proxy.add_argument(
-        "--tap-timeout", type=_positive_float, help="seconds to wait for the tap's answer"
+        "--tap-timeout", type=_positive_float, help="seconds to wait for the tap's response"
     )
     proxy.add_argument(
         "--trusted-mta",
@@ -72,7 +72,7 @@ def register(subparsers: Any) -> None:
     policy = subparsers.add_parser(
         "policy",
         help="run the Postfix policy service that adds X-Spamflow-Flow",
-        description="Answer Postfix policy requests with PREPEND X-Spamflow-Flow. "
+        description="Reply to Postfix policy requests with PREPEND X-Spamflow-Flow. "
         "Options override the [policy] table.",
     )
     policy.add_argument("--listen", type=_host_port, help="HOST:PORT to accept Postfix on")

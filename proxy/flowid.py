@@ -142,7 +142,7 @@ def load_flow_key(path: str) -> bytes:
     other than root or the effective user.
     """
     try:
-        # O_NONBLOCK keeps a FIFO from blocking the open; the type check rejects it.
+        # O_NONBLOCK keeps a FIFO from blocking the open. The type check below rejects it.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         descriptor = os.open(path, flags)
     except OSError as error:

@@ -6,7 +6,7 @@ Many requests may share one connection. Intended for::
 
     smtpd_data_restrictions = check_policy_service inet:127.0.0.1:10040
 
-where Postfix asks once per message, so each message gets one header. Every request
+where Postfix sends one request per message, so each message gets one header. Every request
 that lacks client_address or client_port, or is malformed, gets ``action=DUNNO``.
 """
 
@@ -72,7 +72,7 @@ def decide_action(attributes: dict[str, str], key: bytes | None) -> str:
 
 
 class PolicyServer:
-    """asyncio server answering Postfix policy requests with the flow header."""
+    """asyncio server that replies to Postfix policy requests with the flow header."""
 
     def __init__(self, host: str, port: int, key: bytes | None) -> None:
         self.host = host
@@ -120,7 +120,7 @@ class PolicyServer:
         """Read lines up to the empty line. Returns None at EOF before a full request.
 
         A line longer than MAX_ATTRIBUTE_LINE_BYTES is replaced by an empty attribute
-        line, which has no ``=``, so the request is answered with DUNNO.
+        line, which has no ``=``, so the reply to the request is DUNNO.
         """
         lines: list[bytes] = []
         while True:
@@ -158,7 +158,9 @@ class PolicyServer:
         try:
             attributes = parse_attribute_lines(lines)
         except PolicyRequestError as error:
-            logger.warning("malformed policy request from %s: %s; action=DUNNO", peer, error)
+            logger.warning(
+                "malformed policy request from %s (%s), replying action=DUNNO", peer, error
+            )
             return f"action={DUNNO}\n\n"
         action = decide_action(attributes, self.key)
         logger.info(

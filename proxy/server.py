@@ -5,7 +5,7 @@ Per connection the proxy reads one spamc request. For a message that spamd will 
 ``X-Spamflow`` headers and, when the client is a trusted MTA and the message's topmost
 ``X-Spamflow-Flow`` header verifies, prepends ``X-Spamflow: p=...; model=...; flow=...``.
 spamd's response is relayed unchanged. Every other request, and every request the proxy
-cannot read exactly as spamd would, is forwarded byte for byte so that spamd answers it.
+cannot read exactly as spamd would, is forwarded byte for byte so that spamd replies to it.
 
 After the response has been sent, a background worker computes the message's score
 without the verdict header and records it for learning.
@@ -21,7 +21,7 @@ import signal
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from spamflow.config import ConfigError, ProxyConfig
@@ -95,7 +95,7 @@ class Verdict:
 
 @dataclass
 class ScoringJob:
-    """What the background worker needs to record one scanned request."""
+    """Data of one scanned request, queued for the background worker that records it."""
 
     peer: str
     method: str
@@ -105,7 +105,6 @@ class ScoringJob:
     response: bytes
     duration: float
     message_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -205,6 +204,16 @@ class ProxyServer:
         if self._server is not None:
             await self._server.wait_closed()
         logger.info("proxy stopped")
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until no request is in flight and the scoring queue is empty.
+
+        Raises TimeoutError after timeout seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while self._connections:
+                await asyncio.wait(set(self._connections))
+            await self._queue.join()
 
     async def _reload_models(self) -> None:
         assert self.learner is not None
@@ -502,7 +511,9 @@ class ProxyServer:
         try:
             identity = verify_flow_header_value(value, self.flow_key)
         except FlowIdError as error:
-            self._flow_failures.warning("peer=%s flow header rejected: %s", _peer_text(peer), error)
+            self._flow_failures.warning(
+                "peer=%s flow header rejected: %s", _peer_text(peer), error
+            )
             return verdict
         verdict.flow = identity.flow
 
@@ -614,7 +625,7 @@ class ProxyServer:
         return bytes(data)
 
     async def _score_without_verdict(self, job: ScoringJob) -> float | None:
-        """Send spamd a CHECK of the message without the verdict header; return its score."""
+        """Send spamd a CHECK of the message without the verdict header and return its score."""
         request = protocol.format_request("CHECK", job.message_without_verdict, job.user)
         connection = await self._open_spamd(job.peer)
         if connection is None:

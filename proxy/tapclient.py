@@ -21,7 +21,7 @@ async def query_tap_features(
 ) -> dict[str, float] | None:
     """Ask the tap for the features of the flow ip:port.
 
-    Returns None when the tap does not know the flow, fails or does not answer
+    Returns None when the tap does not know the flow, fails or does not respond
     within timeout seconds (the whole exchange, connect included). Failures are
     logged at a limited rate, and a not-found flow at DEBUG.
     """

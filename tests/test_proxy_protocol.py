@@ -69,7 +69,8 @@ def test_request_head_too_long():
     "value", [b"abc", b"-1", b"1.5", b""]
 )
 def test_content_length_invalid(value):
-    head = protocol.parse_request_head(b"CHECK SPAMC/1.5\r\nContent-length: " + value + b"\r\n\r\n")
+    raw = b"CHECK SPAMC/1.5\r\nContent-length: " + value + b"\r\n\r\n"
+    head = protocol.parse_request_head(raw)
     with pytest.raises(SpamdProtocolError):
         head.content_length()
 

@@ -206,7 +206,7 @@ async def _send(port: int, data: bytes, half_close: bool = True) -> bytes:
 
 
 async def _drain(server: ProxyServer) -> None:
-    await asyncio.wait_for(server._queue.join(), 10)
+    await server.wait_idle(10)
 
 
 def _forwarded_message(request: bytes) -> bytes:

@@ -79,7 +79,7 @@ class ProxyThread:
         self._tap_server = await asyncio.start_unix_server(serve, path)
 
     def drain(self) -> None:
-        self._run(asyncio.wait_for(self.server._queue.join(), 60))
+        self._run(self.server.wait_idle(60))
 
     def stop(self) -> None:
         self._run(self.server.shutdown(timeout=10))
