@@ -43,6 +43,11 @@ class AutoLearner:
                 f"learn.ham_threshold ({config.ham_threshold}) must be below "
                 f"learn.spam_threshold ({config.spam_threshold})"
             )
+        if config.max_training_examples < 2:
+            raise ValueError(
+                "learn.max_training_examples must be at least 2, "
+                f"got {config.max_training_examples}"
+            )
         if config.retrain_every < 1:
             raise ValueError(f"learn.retrain_every must be at least 1, got {config.retrain_every}")
 
@@ -160,7 +165,7 @@ class AutoLearner:
 
     def _train(self) -> FlowModel | None:
         with self._training_lock:
-            X, y = self.store.training_data()
+            X, y = self.store.training_data(limit=self.config.max_training_examples)
             ham_count = int((y == 0).sum())
             spam_count = int((y == 1).sum())
             if min(ham_count, spam_count) < self.config.min_examples_per_class:

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="minimum examples per class (default: [learn] min_examples_per_class)",
     )
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        help="train on at most this many of the newest examples "
+        "(default: [learn] max_training_examples)",
+    )
     parser.set_defaults(func=run_train)
 
 
@@ -52,6 +58,17 @@ def run_train(args: argparse.Namespace) -> int:
         args.min_examples if args.min_examples is not None else config.learn.min_examples_per_class
     )
 
+    max_examples = (
+        args.max_examples
+        if args.max_examples is not None
+        else config.learn.max_training_examples
+    )
+
+    if max_examples < 2:
+        print(f"spamflow train: invalid --max-examples {max_examples}: expected at least 2",
+              file=sys.stderr)
+        return 1
+
     # Opening a missing store would create an empty one, so check first.
     if not db_path.is_file():
         print(f"spamflow train: example store {db_path} not found; run the proxy first "
@@ -60,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         with ExampleStore(db_path) as store:
-            X, y = store.training_data()
+            X, y = store.training_data(limit=max_examples)
     except sqlite3.DatabaseError as error:
         print(f"spamflow train: cannot read example store {db_path}: {error}", file=sys.stderr)
         return 1

@@ -67,6 +67,8 @@ class LearnConfig:
     # Retrain after this many new examples.
     retrain_every: int = 25
     min_examples_per_class: int = 10
+    # Train on at most this many of the newest examples, which bounds training time.
+    max_training_examples: int = 5000
 
 
 @dataclass

@@ -263,3 +263,13 @@ def test_features_use_schema(store: ExampleStore, tmp_path: Path) -> None:
     assert learner.wait_idle(30)
     assert learner.model is not None
     assert learner.model.feature_names == FEATURE_NAMES
+
+
+def test_trains_on_newest_examples(store: ExampleStore, tmp_path: Path) -> None:
+    learner = make_learner(store, tmp_path, retrain_every=1000, max_training_examples=12)
+    for item in alternating(20):
+        learner.observe(item)
+    model = learner.retrain_now()
+    assert model is not None
+    assert model.name == "nb-12"
+    assert model.class_counts == {0: 6, 1: 6}

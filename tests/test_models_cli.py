@@ -129,3 +129,23 @@ def test_train_damaged_store(tmp_path: Path) -> None:
     result = run_spamflow("--db", str(db), "--model", str(tmp_path / "model.joblib"))
     assert result.returncode == 1
     assert f"cannot read example store {db}" in result.stderr
+
+
+def test_train_newest_examples_only(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    model_path = tmp_path / "model.joblib"
+    fill_store(db, ham=10, spam=10)
+    result = run_spamflow("--db", str(db), "--model", str(model_path), "--kind", "nb",
+                          "--min-examples", "5", "--max-examples", "15")
+    assert result.returncode == 0, result.stderr
+    assert "examples: 5 ham, 10 spam" in result.stdout
+    assert load_model(model_path).name == "nb-15"
+
+
+def test_train_rejects_invalid_max(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    fill_store(db, ham=10, spam=10)
+    result = run_spamflow("--db", str(db), "--model", str(tmp_path / "model.joblib"),
+                          "--max-examples", "0")
+    assert result.returncode == 1
+    assert "invalid --max-examples 0" in result.stderr
