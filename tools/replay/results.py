@@ -73,7 +73,10 @@ def parse_delivered(data: bytes) -> DeliveredHeaders:
     """Read X-Spam-Status and X-Spamflow from a delivered message's header block."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(split_message(data)[0])
     status = headers.get("X-Spam-Status")
-    status_text = " ".join(str(status).split()) if status is not None else None
+    status_text = None
+    if status is not None:
+        # spamd folds long test lists after a comma, so drop the whitespace of the fold.
+        status_text = re.sub(r",\s+", ",", " ".join(str(status).split()))
     tests: list[str] = []
     score = None
     is_spam = None

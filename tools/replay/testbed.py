@@ -49,6 +49,11 @@ class LearnSettings:
 
 @dataclass
 class TestbedOptions:
+    """Settings of one testbed; run_dir receives the config, logs, store and results."""
+
+    # Tells pytest that this class, despite its name, holds no tests.
+    __test__ = False
+
     run_dir: Path
     prefix: str = DEFAULT_PREFIX
     learn: LearnSettings = field(default_factory=LearnSettings)
@@ -113,6 +118,8 @@ def interleave(messages: list[ReplayMessage], seed: int) -> list[ReplayMessage]:
 
 class Testbed:
     """Topology, spamd, tap, policy service, proxy and Postfix as one context manager."""
+
+    __test__ = False
 
     def __init__(self, options: TestbedOptions) -> None:
         self.options = options
