@@ -43,29 +43,43 @@ def register(subparsers: Any) -> None:
         "proxy",
         help="run the spamd proxy that adds the flow verdict header",
         description="Relay spamc requests to spamd and add the X-Spamflow verdict header "
-        "to messages from trusted MTAs. Options override the [proxy] and [learn] tables.",
+        "to messages from trusted MTAs. Options override the [proxy] table of the "
+        "configuration file. Learning settings come from its [learn] table.",
     )
-    proxy.add_argument("--listen", type=_host_port, help="HOST:PORT to accept spamc on")
-    proxy.add_argument("--spamd", type=_host_port, help="HOST:PORT of the real spamd")
-    proxy.add_argument("--tap-socket", help="Unix socket path of the packet tap")
     proxy.add_argument(
-        "--tap-timeout", type=_positive_float, help="seconds to wait for the tap's response"
+        "--listen", type=_host_port, metavar="HOST:PORT", help="address to accept spamc on"
+    )
+    proxy.add_argument(
+        "--spamd", type=_host_port, metavar="HOST:PORT", help="address of the real spamd"
+    )
+    proxy.add_argument("--tap-socket", metavar="PATH", help="Unix socket of the packet tap")
+    proxy.add_argument(
+        "--tap-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="maximum time to wait for the tap's response",
     )
     proxy.add_argument(
         "--trusted-mta",
         action="append",
+        metavar="ADDR",
         help="client address (or network) whose X-Spamflow-Flow header is believed; "
         "repeat for several (replaces the configured list)",
     )
     proxy.add_argument(
-        "--flow-key-file", help="key file shared with the policy service (mode 0600)"
+        "--flow-key-file",
+        metavar="PATH",
+        help="key file shared with the policy service (mode 0600)",
     )
-    proxy.add_argument("--db", help="SQLite file of recorded examples")
-    proxy.add_argument("--model", help="model file that training writes and the proxy loads")
+    proxy.add_argument("--db", metavar="PATH", help="SQLite file of recorded examples")
+    proxy.add_argument(
+        "--model", metavar="PATH", help="model file that training writes and the proxy loads"
+    )
     proxy.add_argument(
         "--max-message-size",
         type=_positive_int,
-        help="bytes; larger messages pass to spamd unchanged",
+        metavar="BYTES",
+        help="maximum message size to rewrite; larger messages pass to spamd unchanged",
     )
     proxy.set_defaults(func=run_proxy)
 
@@ -73,11 +87,13 @@ def register(subparsers: Any) -> None:
         "policy",
         help="run the Postfix policy service that adds X-Spamflow-Flow",
         description="Reply to Postfix policy requests with PREPEND X-Spamflow-Flow. "
-        "Options override the [policy] table.",
+        "Options override the [policy] table of the configuration file.",
     )
-    policy.add_argument("--listen", type=_host_port, help="HOST:PORT to accept Postfix on")
     policy.add_argument(
-        "--flow-key-file", help="key file shared with the proxy (mode 0600)"
+        "--listen", type=_host_port, metavar="HOST:PORT", help="address to accept Postfix on"
+    )
+    policy.add_argument(
+        "--flow-key-file", metavar="PATH", help="key file shared with the proxy (mode 0600)"
     )
     policy.set_defaults(func=run_policy)
 
