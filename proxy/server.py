@@ -149,6 +149,7 @@ class ProxyServer:
         observation_factory: Callable[..., Any] | None = None,
         scoring_workers: int = SCORING_WORKERS,
         scoring_queue_size: int = SCORING_QUEUE_SIZE,
+        model_reload_interval: float = MODEL_RELOAD_INTERVAL,
     ) -> None:
         self.config = config
         self.learner = learner
@@ -158,6 +159,7 @@ class ProxyServer:
         self.trusted = parse_trusted(config.trusted_mta)
         self._observation_factory = observation_factory
         self._worker_count = scoring_workers
+        self._model_reload_interval = model_reload_interval
         self._queue: asyncio.Queue[ScoringJob] = asyncio.Queue(scoring_queue_size)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -218,7 +220,7 @@ class ProxyServer:
     async def _reload_models(self) -> None:
         assert self.learner is not None
         while True:
-            await asyncio.sleep(MODEL_RELOAD_INTERVAL)
+            await asyncio.sleep(self._model_reload_interval)
             try:
                 await asyncio.to_thread(self.learner.reload_if_changed)
             except Exception:

@@ -144,7 +144,12 @@ class FakeLearner:
     def observe(self, observation) -> None:
         self.observations.append(observation)
 
+    reloads = 0
+
     def reload_if_changed(self) -> bool:
+        self.reloads += 1
+        if self.reloads == 2:
+            raise OSError("model file unreadable")
         return False
 
 
@@ -169,7 +174,7 @@ def learner():
     return FakeLearner(FakeModel())
 
 
-async def _start_proxy(spamd, tap, learner, **overrides) -> ProxyServer:
+async def _start_proxy(spamd, tap, learner, reload_interval=30.0, **overrides) -> ProxyServer:
     config = ProxyConfig(
         listen="127.0.0.1:0",
         spamd=f"127.0.0.1:{spamd.port}",
@@ -182,7 +187,9 @@ async def _start_proxy(spamd, tap, learner, **overrides) -> ProxyServer:
     )
     for name, value in overrides.items():
         setattr(config, name, value)
-    server = ProxyServer(config, learner, KEY, observation_factory=dict)
+    server = ProxyServer(
+        config, learner, KEY, observation_factory=dict, model_reload_interval=reload_interval
+    )
     await server.start()
     return server
 
@@ -485,3 +492,14 @@ async def test_shutdown_finishes_inflight(spamd, tap, learner):
     assert len(learner.observations) == 1
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", server.listen_port)
+
+
+async def test_model_reload_periodic(spamd, tap, learner):
+    server = await _start_proxy(spamd, tap, learner, reload_interval=0.05)
+    try:
+        await asyncio.sleep(0.5)
+        response = await _send(server.listen_port, _request("CHECK", _signed_message()))
+    finally:
+        await server.shutdown(timeout=5)
+    assert learner.reloads >= 3  # the failing second reload did not stop the task
+    assert response.startswith(b"SPAMD/1.1 0 EX_OK\r\n")
