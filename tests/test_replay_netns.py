@@ -1,0 +1,153 @@
+"""Root tests of the namespace topology and the NFQUEUE delay stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import pytest
+
+from spamflow.replay.netns import (PathProfile, Topology, list_namespaces, namespace_pids,
+                                   netns_exec)
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.timeout(120),
+]
+
+PREFIX = f"sft-rp-{os.getpid()}"
+
+LISTENER = textwrap.dedent("""
+    import socket
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 2525))
+    server.listen(64)
+    print("listening", flush=True)
+    while True:
+        server.accept()[0].close()
+""")
+
+CONNECT_RTT = textwrap.dedent("""
+    import socket, sys, time
+    for _ in range(int(sys.argv[2])):
+        client = socket.socket()
+        started = time.monotonic()
+        client.connect((sys.argv[1], 2525))
+        print((time.monotonic() - started) * 1000)
+        client.close()
+""")
+
+
+def _namespaces(prefix: str) -> list[str]:
+    return [name for name in list_namespaces() if name.startswith(prefix + "-")]
+
+
+def _connect_times_ms(topology: Topology, sender: str, count: int) -> list[float]:
+    """Return TCP connect times (SYN to SYN-ACK) from a sender to the server, in ms."""
+    listener = subprocess.Popen(
+        netns_exec(topology.server_ns, sys.executable, "-c", LISTENER),
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "listening"
+        path = topology.paths[sender]
+        output = subprocess.run(
+            netns_exec(path.namespace, sys.executable, "-c", CONNECT_RTT, path.server_ip,
+                       str(count)),
+            capture_output=True, text=True, check=True, timeout=60).stdout
+    finally:
+        listener.kill()
+        listener.wait()
+    return [float(line) for line in output.split()]
+
+
+def test_delay_stage_sets_connect_time():
+    profiles = {"spam": PathProfile(delay_ms=80.0), "ham": PathProfile(delay_ms=10.0,
+                                                                       jitter_ms=5.0)}
+    with Topology(PREFIX, profiles) as topology:
+        slow = _connect_times_ms(topology, "spam", 15)
+        fast = _connect_times_ms(topology, "ham", 15)
+
+    # Only the sender's outgoing packets are held, so a connect takes one delay.
+    assert 80.0 <= min(slow)
+    assert statistics.median(slow) < 80.0 + 15.0
+    assert 5.0 <= min(fast)
+    assert max(fast) < 15.0 + 15.0
+
+
+def test_profile_sysctls_applied():
+    profiles = {"spam": PathProfile(ttl=128, tcp_timestamps=False, tcp_sack=False),
+                "ham": PathProfile(ttl=64)}
+    with Topology(PREFIX, profiles) as topology:
+        spam = subprocess.run(
+            netns_exec(topology.paths["spam"].namespace, "sysctl", "-n",
+                       "net.ipv4.ip_default_ttl", "net.ipv4.tcp_timestamps",
+                       "net.ipv4.tcp_sack"),
+            capture_output=True, text=True, check=True).stdout.split()
+        ham_ttl = subprocess.run(
+            netns_exec(topology.paths["ham"].namespace, "sysctl", "-n",
+                       "net.ipv4.ip_default_ttl"),
+            capture_output=True, text=True, check=True).stdout.strip()
+    assert spam == ["128", "0", "0"]
+    assert ham_ttl == "64"
+
+
+def test_loss_rule_installed():
+    profiles = {"spam": PathProfile(loss=0.25), "ham": PathProfile()}
+    with Topology(PREFIX, profiles) as topology:
+        rules = subprocess.run(
+            netns_exec(topology.paths["spam"].namespace, "iptables", "-S", "OUTPUT"),
+            capture_output=True, text=True, check=True).stdout
+        ham_rules = subprocess.run(
+            netns_exec(topology.paths["ham"].namespace, "iptables", "-S", "OUTPUT"),
+            capture_output=True, text=True, check=True).stdout
+    assert "--probability 0.25" in rules
+    assert "-j DROP" in rules
+    assert "DROP" not in ham_rules
+
+
+def test_leftovers_removed_at_start():
+    leftover = f"{PREFIX}-srv"
+    subprocess.run(["ip", "netns", "add", leftover], check=True)
+    sleeper = subprocess.Popen(netns_exec(leftover, "sleep", "300"))
+    try:
+        with Topology(PREFIX, {"spam": PathProfile(), "ham": PathProfile()}):
+            assert sorted(_namespaces(PREFIX)) == sorted(
+                f"{PREFIX}-{name}" for name in ("srv", "spam", "ham"))
+            assert sleeper.wait(timeout=10) is not None
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+    assert _namespaces(PREFIX) == []
+
+
+def test_sigterm_removes_namespaces():
+    prefix = f"{PREFIX}-t"
+    script = textwrap.dedent(f"""
+        import time
+        from spamflow.replay.netns import Topology
+        with Topology({prefix!r}):
+            print("up", flush=True)
+            time.sleep(120)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "up"
+        assert len(_namespaces(prefix)) == 3
+        stage_pids = namespace_pids(f"{prefix}-spam") + namespace_pids(f"{prefix}-ham")
+        assert len(stage_pids) == 2
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert _namespaces(prefix) == []
+    for pid in stage_pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"delay stage {pid} outlived the topology"
