@@ -237,8 +237,13 @@ class ProxyServer:
         peer = writer.get_extra_info("peername")
         try:
             await self._serve(reader, writer, peer)
-        except (ConnectionError, TimeoutError) as error:
+        except ConnectionError as error:
             logger.info("peer=%s connection ended: %r", _peer_text(peer), error)
+        except TimeoutError:
+            logger.warning(
+                "peer=%s spamd did not respond within %s s, closing the client connection",
+                _peer_text(peer), self.config.spamd_timeout,
+            )
         except Exception:
             logger.exception("peer=%s request failed", _peer_text(peer))
         finally:
@@ -293,6 +298,8 @@ class ProxyServer:
         if length is None:
             raise _PassThroughError("no Content-length")
         if length > self.config.max_message_size:
+            # NOTE: a message passed through unchanged keeps any forged X-Spamflow header,
+            # so max_message_size must stay above spamc's -s limit (500 KB by default).
             raise _PassThroughError(f"Content-length {length} above max_message_size")
 
         try:

@@ -51,7 +51,7 @@ def _request(method: str, message: bytes, extra: bytes = b"") -> bytes:
 
 @dataclass
 class FakeSpamd:
-    """Records each request (read to EOF) and answers it like spamd would."""
+    """Records each request (read to EOF) and replies to it as spamd would."""
 
     requests: list[bytes] = field(default_factory=list)
     fixed_response: bytes | None = None

@@ -1,6 +1,6 @@
 """The proxy between the real spamc binary and a real private spamd.
 
-Direct and proxied answers are compared after removing what spamd varies between two
+Direct and proxied responses are compared after removing what spamd varies between two
 runs of the same message: the order of report lines and the address hints in them.
 """
 
