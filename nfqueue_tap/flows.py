@@ -164,17 +164,11 @@ class Flow:
     def state(self) -> str:
         return "closed" if self.closed else "open"
 
-    def add(self, segment: Segment, inbound: bool, timestamp: float) -> None:
-        """Count one segment; inbound means it comes from the remote peer."""
-        self.last_seen = timestamp
+    def add_inbound(self, segment: Segment, now: float) -> None:
+        """Count one segment from the remote peer."""
+        self.last_seen = now
         flags = segment.flags
         length = segment.payload_len
-        if inbound:
-            self._add_inbound(segment, flags, length, timestamp)
-        else:
-            self._add_outbound(segment, flags, length, timestamp)
-
-    def _add_inbound(self, segment: Segment, flags: int, length: int, now: float) -> None:
         self.packets_in += 1
         self.bytes_in += length
         if flags & RST:
@@ -202,7 +196,11 @@ class Flow:
         if length and self.seq_in.record(seq, length):
             self.retransmissions_in += 1
 
-    def _add_outbound(self, segment: Segment, flags: int, length: int, now: float) -> None:
+    def add_outbound(self, segment: Segment, now: float) -> None:
+        """Count one segment sent to the remote peer."""
+        self.last_seen = now
+        flags = segment.flags
+        length = segment.payload_len
         self.packets_out += 1
         self.bytes_out += length
         if flags & RST:
@@ -252,7 +250,7 @@ class Flow:
             features["syn_sack_permitted"] = 1.0 if self.syn_sack_permitted else 0.0
             features["syn_timestamps"] = 1.0 if self.syn_timestamps else 0.0
 
-        # Rounded to microseconds, the resolution of pcap timestamps.
+        # Rounded to microseconds, the timestamp resolution of most capture files.
         if self.handshake_rtt_ms is None:
             features["handshake_rtt_ms"] = MISSING
         else:
@@ -301,6 +299,9 @@ class FlowTable:
         self.linger = linger
         self.on_expire = on_expire
         self._flows: OrderedDict[FlowKey, Flow] = OrderedDict()
+        # Earliest time at which the least recently updated flow can expire. It is a
+        # lower bound, because that flow may since have been updated and moved.
+        self._next_expiry = float("-inf")
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -333,8 +334,12 @@ class FlowTable:
         else:
             flows.move_to_end(key)
 
-        flow.add(segment, inbound, timestamp)
-        self._expire_some(timestamp)
+        if inbound:
+            flow.add_inbound(segment, timestamp)
+        else:
+            flow.add_outbound(segment, timestamp)
+        if timestamp > self._next_expiry:
+            self._expire_some(timestamp)
         return flow
 
     def lookup(self, ip: str, port: int, now: float) -> dict | None:
@@ -384,8 +389,10 @@ class FlowTable:
     def _expire_some(self, now: float) -> None:
         flows = self._flows
         for _ in range(_EXPIRE_BATCH):
-            key, flow = next(iter(flows.items()))
+            key = next(iter(flows))
+            flow = flows[key]
             if now - flow.last_seen <= self.linger:
+                self._next_expiry = flow.last_seen + self.linger
                 return
             del flows[key]
             self._notify(key, flow)

@@ -42,8 +42,8 @@ class PacketTap:
 
     Exactly one verdict (accept) is given per packet, also when parsing or the flow
     table fails. The only exception is a queue that is already unbound, where accept
-    raises and the failure is logged. Packets that are not parsed as TCP are counted and logged at most
-    once per FAILURE_LOG_INTERVAL.
+    raises and the failure is logged. Packets that are not parsed as TCP are counted
+    and logged at most once per FAILURE_LOG_INTERVAL.
     """
 
     def __init__(
@@ -95,7 +95,9 @@ class PacketTap:
             packet.accept()
         except RuntimeError as error:
             self.errors += 1
-            log.error("queue %d: accept failed for packet id %s: %s", self.queue, packet.id, error)
+            log.error(
+                "queue %d: accept failed for packet id %s: %s", self.queue, packet.id, error
+            )
 
 
 def run_tap(config: TapConfig) -> int:
