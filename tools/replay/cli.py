@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
     replay = subparsers.add_parser(
         "replay",
         help="replay a labelled corpus through a full testbed (needs root)",
-        description="Like demo, on a corpus folder that holds an index.tsv and one .tar.xz "
+        description="Like demo, on a corpus folder that contains an index.tsv and one .tar.xz "
         "(the bundled sample's layout or the SpamAssassin public corpus's).",
     )
     replay.add_argument("--corpus", type=Path, required=True, help="corpus folder")

@@ -4,7 +4,7 @@
 
 Each packet is held for D ms plus a uniform random offset in [-J, +J] ms, but never
 released before the packet queued ahead of it, so the stage keeps packet order. It
-stands in for the netem qdisc, which this testbed's kernels lack. The stage prints
+replaces the netem qdisc, which this testbed's kernels lack. The stage prints
 ``ready`` on stdout once the queue is bound, and stops on SIGTERM or SIGINT.
 """
 

@@ -32,7 +32,7 @@ WAIT_PER_MESSAGE_S = 3.0
 
 @dataclass
 class ReplayRequest:
-    """What to replay and where to write the results."""
+    """Replay parameters: corpus and message counts, run folder, namespaces, learning."""
 
     spam: int = 200
     ham: int = 200

@@ -1,6 +1,6 @@
 """Network-namespace testbed: a mail server namespace and two sender namespaces.
 
-``<prefix>-srv`` holds the mail server side. ``<prefix>-spam`` and ``<prefix>-ham`` are
+``<prefix>-srv`` contains the mail server side. ``<prefix>-spam`` and ``<prefix>-ham`` are
 senders, each joined to the server by its own veth pair on its own /24 inside
 198.18.0.0/15 (the benchmarking range of RFC 2544). Each sender applies a PathProfile to
 its outgoing packets: TTL and TCP option sysctls, random loss, and delay with jitter

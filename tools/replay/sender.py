@@ -2,11 +2,11 @@
 
     ip netns exec NS python -m spamflow.replay.sender --concurrency 4 < jobs.jsonl
 
-reads one JSON job a line from stdin (id, label, file, server, rcpt and ``at``, the
-second after start at which to send it), sends each message over its own SMTP
-connection with at most ``--concurrency`` connections at once, and writes one JSON
-result a line to stdout as each send finishes: id, label, local_ip, local_port, flow,
-code, message, accepted, attempts, sent_at, duration_s and error.
+reads one JSON job a line from stdin: id, label, file, server, rcpt and ``at`` (the
+second after start at which to send it). Each message goes over its own SMTP
+connection, with at most ``--concurrency`` connections at once. As each send finishes,
+one JSON result line goes to stdout: id, label, local_ip, local_port, flow, code,
+message, accepted, attempts, sent_at, duration_s and error.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ def to_crlf(raw: bytes) -> bytes:
 
 
 def send_one(job: dict[str, Any], local_hostname: str = HELO_NAME) -> dict[str, Any]:
-    """Send one job's message; return its result record (never raises for SMTP errors)."""
+    """Send one job's message and return its result record.
+
+    SMTP and socket errors end up in the record's code, message and error fields.
+    """
     data = to_crlf(Path(job["file"]).read_bytes())
     result: dict[str, Any] = {
         "id": job["id"], "label": job.get("label"), "server": job["server"],

@@ -51,7 +51,7 @@ class LearnSettings:
 class TestbedOptions:
     """Settings of one testbed; run_dir receives the config, logs, store and results."""
 
-    # Tells pytest that this class, despite its name, holds no tests.
+    # Tells pytest that this class, despite its name, contains no tests.
     __test__ = False
 
     run_dir: Path
