@@ -1,8 +1,9 @@
 """End-to-end test of ``spamflow tap`` on a real NFQUEUE between two network namespaces.
 
-The server namespace queues its port-2525 traffic to the tap with --queue-bypass. A
-client in the other namespace sends a known number of bytes, and the test compares
-the tap's features with the byte count and with the iptables rule counters.
+The server namespace queues its port-2525 traffic (IPv4 and IPv6) to the tap with
+--queue-bypass. A client in the other namespace sends a known number of bytes, and the
+test compares the tap's features with the byte count, the ip(6)tables rule counters
+and the kernel's retransmission counters.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spamflow.nfqueue_tap.protocol import format_request, parse_response
+from spamflow.nfqueue_tap.protocol import format_flow, format_request, parse_response
 
 pytestmark = [
     pytest.mark.root,
@@ -33,16 +34,22 @@ SERVER_IP = "10.77.1.1"
 CLIENT_IP = "10.77.1.2"
 PORT = 2525
 QUEUE = 7
+SERVER_IP6 = "fd77::1"
+CLIENT_IP6 = "fd77::2"
 CLIENT_TTL = 113
+CLIENT_HOP_LIMIT = 50
 SENT_BYTES = 100_000
 REPLY = b"250 received\r\n"
 
-# Accepts one connection, reads until the client's FIN, replies and closes.
+# Accepts one connection on the address in argv[1], reads until the client's FIN,
+# replies and closes.
 SERVER_SCRIPT = f"""
 import socket, sys
-listener = socket.socket()
+address = sys.argv[1]
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+listener = socket.socket(family)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("{SERVER_IP}", {PORT}))
+listener.bind((address, {PORT}))
 listener.listen(1)
 print("ready", flush=True)
 conn, _ = listener.accept()
@@ -57,13 +64,19 @@ conn.close()
 print(total, flush=True)
 """
 
-# Sends SENT_BYTES with IP TTL CLIENT_TTL, half-closes, reads the reply.
+# Connects to the address in argv[1] with IPv4 TTL CLIENT_TTL or IPv6 hop limit
+# CLIENT_HOP_LIMIT, sends SENT_BYTES, half-closes and reads the reply.
 CLIENT_SCRIPT = f"""
-import json, socket
-sock = socket.socket()
-sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, {CLIENT_TTL})
+import json, socket, sys
+address = sys.argv[1]
+if ":" in address:
+    sock = socket.socket(socket.AF_INET6)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, {CLIENT_HOP_LIMIT})
+else:
+    sock = socket.socket(socket.AF_INET)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, {CLIENT_TTL})
 sock.settimeout(10)
-sock.connect(("{SERVER_IP}", {PORT}))
+sock.connect((address, {PORT}))
 sock.sendall(b"m" * {SENT_BYTES})
 sock.shutdown(socket.SHUT_WR)
 reply = b""
@@ -98,27 +111,30 @@ def namespaces():
         veth_client = f"sftt{os.getpid()}c"[:15]
         run("ip", "link", "add", veth_server, "netns", SERVER_NS,
             "type", "veth", "peer", "name", veth_client, "netns", CLIENT_NS)
-        for namespace, veth, address in (
-            (SERVER_NS, veth_server, SERVER_IP), (CLIENT_NS, veth_client, CLIENT_IP)
+        for namespace, veth, address, address6 in (
+            (SERVER_NS, veth_server, SERVER_IP, SERVER_IP6),
+            (CLIENT_NS, veth_client, CLIENT_IP, CLIENT_IP6),
         ):
             run(*in_ns(namespace, "ip", "link", "set", "lo", "up"))
             run(*in_ns(namespace, "ip", "addr", "add", f"{address}/24", "dev", veth))
+            run(*in_ns(namespace, "ip", "addr", "add", f"{address6}/64", "dev", veth, "nodad"))
             # One segment per skb, so the iptables rule counters count TCP segments
-            # like the tap does, which sees GSO packets split into segments.
+            # like the tap, which receives GSO packets split into segments.
             run(*in_ns(namespace, "ip", "link", "set", veth, "gso_max_segs", "1"))
             run(*in_ns(namespace, "ip", "link", "set", veth, "up"))
-        for chain, match in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-            run(*in_ns(SERVER_NS, "iptables", "-A", chain, "-p", "tcp", match, str(PORT),
-                       "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"))
+        for command in ("iptables", "ip6tables"):
+            for chain, match in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+                run(*in_ns(SERVER_NS, command, "-A", chain, "-p", "tcp", match, str(PORT),
+                           "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"))
         yield
     finally:
         for namespace in created:
             run("ip", "netns", "del", namespace, check=False)
 
 
-def rule_packets(chain: str) -> int:
+def rule_packets(chain: str, command: str = "iptables") -> int:
     """Return the packet counter of the NFQUEUE rule in a chain of the server namespace."""
-    output = run(*in_ns(SERVER_NS, "iptables", "-L", chain, "-v", "-x", "-n")).stdout
+    output = run(*in_ns(SERVER_NS, command, "-L", chain, "-v", "-x", "-n")).stdout
     for line in output.splitlines():
         if "NFQUEUE" in line:
             return int(line.split()[0])
@@ -132,15 +148,17 @@ def retransmitted_segments(namespace: str) -> int:
     return int(values[names.index("RetransSegs")])
 
 
-def transfer() -> dict:
+def transfer(server_ip: str = SERVER_IP) -> dict:
     """Run one client-server exchange. Return the client's port and byte counts."""
     server = subprocess.Popen(
-        in_ns(SERVER_NS, PYTHON, "-c", SERVER_SCRIPT), stdout=subprocess.PIPE, text=True
+        in_ns(SERVER_NS, PYTHON, "-c", SERVER_SCRIPT, server_ip),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
-        client = run(*in_ns(CLIENT_NS, PYTHON, "-c", CLIENT_SCRIPT))
+        client = run(*in_ns(CLIENT_NS, PYTHON, "-c", CLIENT_SCRIPT, server_ip))
         received = int(server.stdout.readline())
         assert server.wait(timeout=10) == 0
     finally:
@@ -153,27 +171,10 @@ def transfer() -> dict:
 
 
 def tap_command(socket_path: Path) -> list[str]:
-    options = ["tap", "--queue", str(QUEUE), "--socket", str(socket_path),
-               "--server-port", str(PORT), "--linger", "60"]
-    try:
-        from spamflow.cli import build_parser
-
-        build_parser()
-    except ImportError:
-        # NOTE: until every package provides cli.py, `python -m spamflow` cannot build
-        # its parser, so the tap subcommand is run through a parser of its own.
-        script = (
-            "import argparse, logging, sys\n"
-            "from spamflow.nfqueue_tap import cli\n"
-            "logging.basicConfig(level='INFO')\n"
-            "parser = argparse.ArgumentParser()\n"
-            "parser.add_argument('-c', '--config')\n"
-            "cli.register(parser.add_subparsers(dest='command'))\n"
-            "args = parser.parse_args(sys.argv[1:])\n"
-            "sys.exit(args.func(args))\n"
-        )
-        return in_ns(SERVER_NS, PYTHON, "-c", script, *options)
-    return in_ns(SERVER_NS, PYTHON, "-m", "spamflow", *options)
+    return in_ns(
+        SERVER_NS, PYTHON, "-m", "spamflow", "tap", "--queue", str(QUEUE),
+        "--socket", str(socket_path), "--server-port", str(PORT), "--linger", "60",
+    )
 
 
 def wait_for_socket(path: Path, process: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -195,33 +196,79 @@ def query(path: Path, ip: str, port: int) -> dict:
         return parse_response(client.makefile("rb").readline())
 
 
-def test_tap_measures_real_connection(namespaces, tmp_path):
+def measured_transfer(socket_path: Path, server_ip: str, client_ip: str) -> dict:
+    """Run one exchange through the running tap and collect the tap's and kernel's view."""
+    command = "ip6tables" if ":" in server_ip else "iptables"
+    rules_in = rule_packets("INPUT", command)
+    rules_out = rule_packets("OUTPUT", command)
+    client_retransmitted = retransmitted_segments(CLIENT_NS)
+    server_retransmitted = retransmitted_segments(SERVER_NS)
+
+    result = transfer(server_ip)
+    assert result["received"] == SENT_BYTES
+    assert result["reply"] == len(REPLY)
+    time.sleep(0.3)
+
+    return {
+        "port": result["port"],
+        "response": query(socket_path, client_ip, result["port"]),
+        "packets_in": rule_packets("INPUT", command) - rules_in,
+        "packets_out": rule_packets("OUTPUT", command) - rules_out,
+        "client_retransmitted": retransmitted_segments(CLIENT_NS) - client_retransmitted,
+        "server_retransmitted": retransmitted_segments(SERVER_NS) - server_retransmitted,
+    }
+
+
+def check_transfer_features(measured: dict, client_ip: str) -> dict:
+    """Check the features every exchange shares. Return the features."""
+    response = measured["response"]
+    assert response["status"] == "ok", response
+    assert response["flow"] == format_flow(client_ip, measured["port"])
+    assert response["state"] == "closed"
+    features = response["features"]
+
+    # A tail loss probe sometimes resends the last data segment even on a veth pair,
+    # so bytes and retransmissions are checked against the kernel's RetransSegs.
+    # RetransSegs also counts resent SYN and FIN segments, which are no data.
+    retransmissions_in = features["retransmissions_in"]
+    retransmissions_out = features["retransmissions_out"]
+    assert retransmissions_in <= measured["client_retransmitted"]
+    assert retransmissions_out <= measured["server_retransmitted"]
+    if retransmissions_in == 0:
+        assert features["bytes_in"] == SENT_BYTES
+    else:
+        extra = features["bytes_in"] - SENT_BYTES
+        assert retransmissions_in <= extra <= retransmissions_in * features["syn_mss"]
+    assert features["bytes_out"] == len(REPLY) * (1 + retransmissions_out)
+
+    assert features["packets_in"] == measured["packets_in"]
+    assert features["packets_out"] == measured["packets_out"]
+    assert features["fin_in"] == 1.0
+    assert features["fin_out"] == 1.0
+    assert features["rst_in"] == 0.0
+    assert features["rst_out"] == 0.0
+    assert features["syn_sack_permitted"] == 1.0
+    assert features["syn_timestamps"] == 1.0
+    assert 0.0 < features["handshake_rtt_ms"] < 1000.0
+    assert 0.0 < features["duration_s"] < 10.0
+    return features
+
+
+def test_tap_measures_real_connections(namespaces, tmp_path):
     socket_path = tmp_path / "run" / "tap.sock"
 
     # Without a tap bound to the queue, --queue-bypass lets the traffic through.
     before = transfer()
     assert before["received"] == SENT_BYTES
     assert before["reply"] == len(REPLY)
-    bypassed_in = rule_packets("INPUT")
-    bypassed_out = rule_packets("OUTPUT")
-    assert bypassed_in > 0
+    assert rule_packets("INPUT") > 0
 
     tap = subprocess.Popen(tap_command(socket_path), stderr=subprocess.PIPE, text=True)
     try:
         wait_for_socket(socket_path, tap)
         assert socket_path.stat().st_mode & 0o777 == 0o660
-
-        client_retransmitted = retransmitted_segments(CLIENT_NS)
-        server_retransmitted = retransmitted_segments(SERVER_NS)
-        result = transfer()
-        assert result["received"] == SENT_BYTES
-        time.sleep(0.3)
-        client_retransmitted = retransmitted_segments(CLIENT_NS) - client_retransmitted
-        server_retransmitted = retransmitted_segments(SERVER_NS) - server_retransmitted
-        packets_in = rule_packets("INPUT") - bypassed_in
-        packets_out = rule_packets("OUTPUT") - bypassed_out
-
-        response = query(socket_path, CLIENT_IP, result["port"])
+        ipv4 = measured_transfer(socket_path, SERVER_IP, CLIENT_IP)
+        ipv6 = measured_transfer(socket_path, SERVER_IP6, CLIENT_IP6)
         missing = query(socket_path, CLIENT_IP, 9)
         earlier = query(socket_path, CLIENT_IP, before["port"])
     finally:
@@ -237,38 +284,17 @@ def test_tap_measures_real_connection(namespaces, tmp_path):
     assert "tap stopped: queue 7" in stderr
     assert not socket_path.exists()
 
-    assert response["status"] == "ok", response
-    assert response["flow"] == f"{CLIENT_IP}:{result['port']}"
-    assert response["state"] == "closed"
-    features = response["features"]
-
-    # A tail loss probe sometimes resends the last data segment even on a veth pair,
-    # so bytes and retransmissions are checked against the kernel's RetransSegs.
-    # RetransSegs also counts resent SYN and FIN segments, which are no data.
-    retransmissions_in = features["retransmissions_in"]
-    retransmissions_out = features["retransmissions_out"]
-    assert retransmissions_in <= client_retransmitted
-    assert retransmissions_out <= server_retransmitted
-    if retransmissions_in == 0:
-        assert features["bytes_in"] == SENT_BYTES
-    else:
-        extra = features["bytes_in"] - SENT_BYTES
-        assert retransmissions_in <= extra <= retransmissions_in * features["syn_mss"]
-    assert features["bytes_out"] == len(REPLY) * (1 + retransmissions_out)
-    assert features["packets_in"] == packets_in
-    assert features["packets_out"] == packets_out
-    assert features["fin_in"] == 1.0
-    assert features["fin_out"] == 1.0
-    assert features["rst_in"] == 0.0
-    assert features["rst_out"] == 0.0
+    features = check_transfer_features(ipv4, CLIENT_IP)
     assert features["syn_ttl"] == CLIENT_TTL
     assert features["initial_ttl"] == 128.0
     assert features["hop_count"] == 15.0
     assert features["syn_mss"] == 1460.0
-    assert features["syn_sack_permitted"] == 1.0
-    assert features["syn_timestamps"] == 1.0
-    assert 0.0 < features["handshake_rtt_ms"] < 1000.0
-    assert 0.0 < features["duration_s"] < 10.0
+
+    features = check_transfer_features(ipv6, CLIENT_IP6)
+    assert features["syn_ttl"] == CLIENT_HOP_LIMIT
+    assert features["initial_ttl"] == 64.0
+    assert features["hop_count"] == 14.0
+    assert features["syn_mss"] == 1440.0
 
     assert missing == {"status": "not-found", "flow": f"{CLIENT_IP}:9"}
     # The connection made before the tap started was never seen.

@@ -14,6 +14,7 @@ from scapy.layers.l2 import CookedLinux, Dot1Q, Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap, wrpcap, wrpcapng
 
+from spamflow.config import ConfigError
 from spamflow.nfqueue_tap import cli
 from spamflow.nfqueue_tap.pcap import CaptureFormatError, capture_flows, read_capture
 from spamflow.nfqueue_tap.schema import FEATURE_NAMES, MISSING
@@ -295,3 +296,17 @@ def test_cli_missing_file_fails(tmp_path, capsys):
     assert status == 1
     assert "cannot read capture" in output.err
     assert output.out == ""
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--server-port", "0"], "invalid tap server_port 0"),
+        (["--queue", "70000"], "invalid tap queue 70000"),
+        (["--max-flows", "0"], "invalid tap max_flows 0"),
+        (["--linger", "0"], "invalid tap linger 0.0"),
+    ],
+)
+def test_cli_invalid_option_raises(option, message, capsys):
+    with pytest.raises(ConfigError, match=message):
+        run_cli(["tap", *option, "--pcap", str(WIRESHARK_SMTP)], capsys)
