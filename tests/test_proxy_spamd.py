@@ -31,12 +31,10 @@ from spamflow.replay.spamd import SpamdInstance
 
 pytestmark = pytest.mark.spamd
 
-MESSAGES = Path("/work/shared/data/spamassassin-fixtures/messages")
-if not MESSAGES.is_dir():
-    pytest.skip(f"SpamAssassin test messages not found in {MESSAGES}", allow_module_level=True)
-HAM = "nice/001"
-SPAM = "spam/001"
-CRLF_HAM = "nice/crlf-endings"
+MESSAGES = Path(__file__).parent / "data" / "spamassassin"
+HAM = "nice-001.eml"
+SPAM = "spam-001.eml"
+CRLF_HAM = "nice-crlf-endings.eml"
 KEY = b"spamd-test-key"
 FLOW_IP = "10.77.1.2"
 FLOW_PORT = 40211
