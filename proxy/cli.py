@@ -111,6 +111,7 @@ def _load_key(path: str | None) -> bytes | None:
 
 def run_proxy(args: argparse.Namespace) -> int:
     import asyncio
+    import sqlite3
 
     from spamflow.proxy.server import parse_host_port, parse_trusted, serve_proxy
 
@@ -139,9 +140,22 @@ def run_proxy(args: argparse.Namespace) -> int:
     from spamflow.models.autolearn import AutoLearner
     from spamflow.models.store import ExampleStore
 
-    store = ExampleStore(config.proxy.db)
-    learner = AutoLearner(store, config.proxy.model, config.learn)
-    asyncio.run(serve_proxy(config.proxy, learner, key))
+    try:
+        store = ExampleStore(config.proxy.db)
+    except (OSError, sqlite3.Error) as error:
+        raise ConfigError(f"cannot open example database {config.proxy.db}: {error}") from error
+    try:
+        learner = AutoLearner(store, config.proxy.model, config.learn)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+    try:
+        asyncio.run(serve_proxy(config.proxy, learner, key))
+    except OSError as error:
+        logger.error("proxy failed on %s: %s", config.proxy.listen, error)
+        return 1
+    finally:
+        store.close()
     return 0
 
 
@@ -159,5 +173,9 @@ def run_policy(args: argparse.Namespace) -> int:
     key = _load_key(config.policy.flow_key_file)
     if key is None:
         logger.warning("no flow_key_file: flow headers are written without t and mac")
-    asyncio.run(serve_policy(host, port, key))
+    try:
+        asyncio.run(serve_policy(host, port, key))
+    except OSError as error:
+        logger.error("policy service failed on %s: %s", config.policy.listen, error)
+        return 1
     return 0

@@ -134,3 +134,35 @@ def test_proxy_command_config_and_override(tmp_path):
     assert f"spamd 127.0.0.1:{closed_port} unreachable" in stderr
     assert "proxy stopped" in stderr
     assert (tmp_path / "state" / "examples.sqlite").exists()
+
+
+def test_policy_command_port_in_use():
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "spamflow", "policy", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"policy service failed on 127.0.0.1:{port}" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_proxy_command_bad_learn_config(tmp_path):
+    config = tmp_path / "spamflow.toml"
+    config.write_text(
+        f'[proxy]\ndb = "{tmp_path}/examples.sqlite"\nmodel = "{tmp_path}/model.joblib"\n'
+        '[learn]\nmodel_kind = "oracle"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "spamflow", "-c", str(config), "proxy"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid learn.model_kind 'oracle'" in result.stderr.decode()
