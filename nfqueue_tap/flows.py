@@ -7,6 +7,7 @@ is fed. Timestamps come from the caller (time.monotonic() live, capture times of
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -270,6 +271,15 @@ class Flow:
         return features
 
 
+def _ipv4_mapped(ip: str) -> str | None:
+    """Return the IPv4 address inside an IPv4-mapped IPv6 address, else None."""
+    try:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+    except ValueError:
+        return None
+    return None if mapped is None else str(mapped)
+
+
 def _or_missing(value: float | None) -> float:
     return MISSING if value is None else float(value)
 
@@ -345,11 +355,14 @@ class FlowTable:
     def lookup(self, ip: str, port: int, now: float) -> dict | None:
         """Return {"state": "open" | "closed", "features": {...}} of a flow, or None.
 
-        An IPv4-mapped IPv6 address (``::ffff:192.0.2.7``) also finds the IPv4 flow.
+        An IPv4-mapped IPv6 address (``::ffff:192.0.2.7``, in any spelling) also finds
+        the IPv4 flow, because a dual-stack server socket reports IPv4 peers that way.
         """
         flow = self._flows.get((ip, port))
-        if flow is None and ip.startswith("::ffff:") and "." in ip:
-            flow = self._flows.get((ip[7:], port))
+        if flow is None and ":" in ip:
+            mapped = _ipv4_mapped(ip)
+            if mapped is not None:
+                flow = self._flows.get((mapped, port))
         if flow is None or now - flow.last_seen > self.linger:
             return None
         return {"state": flow.state, "features": flow.features()}

@@ -6,6 +6,7 @@ and parses TCP options only on SYN segments.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from typing import NamedTuple
@@ -78,11 +79,17 @@ class Segment(NamedTuple):
 
 
 def address_to_str(raw: bytes) -> str:
-    """Format a 4- or 16-byte address, caching the result for repeated peers."""
+    """Format a 4- or 16-byte address, caching the result for repeated peers.
+
+    IPv6 addresses are written as Python's ipaddress writes them, which is how
+    protocol.parse_request normalizes the address of a request.
+    """
     text = _address_cache.get(raw)
     if text is None:
-        family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-        text = socket.inet_ntop(family, raw)
+        if len(raw) == 4:
+            text = socket.inet_ntop(socket.AF_INET, raw)
+        else:
+            text = str(ipaddress.IPv6Address(raw))
         if len(_address_cache) >= _ADDRESS_CACHE_SIZE:
             _address_cache.clear()
         _address_cache[raw] = text
@@ -92,7 +99,8 @@ def address_to_str(raw: bytes) -> str:
 def parse_packet(data: bytes) -> Segment | None:
     """Parse a packet that starts with an IP header. Return None unless it is TCP.
 
-    Returns None for truncated or malformed headers, for IP fragments and for
+    The IP and TCP headers, options included, must be complete, but the payload may
+    be cut off. Returns None for truncated or malformed headers, for IP fragments and for
     protocols other than TCP. It raises no exception on any input bytes.
     """
     if not data:
@@ -118,6 +126,8 @@ def _parse_ipv4_tcp(data: bytes) -> Segment | None:
     header_len = (data_offset >> 4) * 4
     if flags & SYN or header_len < _TCP_MIN_HEADER:
         return _parse_ipv4(data)
+    if len(data) < 20 + header_len:
+        return None
 
     if total_len == 0:
         total_len = len(data)
@@ -186,18 +196,14 @@ def _parse_tcp(
     sport, dport, seq, ack, data_offset, flags, window = _TCP.unpack_from(data, offset)
     header_len = (data_offset >> 4) * 4
     payload_len = tcp_len - header_len
-    if header_len < _TCP_MIN_HEADER or payload_len < 0:
+    end = offset + header_len
+    if header_len < _TCP_MIN_HEADER or payload_len < 0 or len(data) < end:
         return None
     if not flags & SYN:
         return _new_tuple(Segment, (
             src, dst, ttl, sport, dport, seq, ack, flags, window, payload_len,
             None, None, False, False,
         ))
-
-    # The options of a SYN must be captured whole.
-    end = offset + header_len
-    if len(data) < end:
-        return None
     mss, wscale, sack_permitted, timestamps = _parse_syn_options(data, offset + 20, end)
     return Segment(
         src, dst, ttl, sport, dport, seq, ack, flags, window, payload_len,

@@ -7,6 +7,7 @@ from scapy.layers.inet6 import IPv6
 
 from spamflow.nfqueue_tap.flows import FlowTable, SequenceSpace, infer_initial_ttl
 from spamflow.nfqueue_tap.packet import parse_packet
+from spamflow.nfqueue_tap.protocol import parse_request
 from spamflow.nfqueue_tap.schema import FEATURE_NAMES, MISSING
 
 CLIENT = "198.51.100.7"
@@ -303,6 +304,8 @@ def test_ipv4_mapped_lookup_and_ipv6_flow():
     table = FlowTable(25)
     handshake(table)
     assert table.lookup(f"::ffff:{CLIENT}", CPORT, 11.0) is not None
+    assert table.lookup("::ffff:c633:6407", CPORT, 11.0) is not None
+    assert table.lookup("::ffff:c633:6408", CPORT, 11.0) is None
 
     segment = parse_packet(
         bytes(IPv6(src="2001:db8::7", dst="2001:db8::1", hlim=50) / TCP(sport=555, dport=25))
@@ -311,3 +314,15 @@ def test_ipv4_mapped_lookup_and_ipv6_flow():
     result = table.lookup("2001:db8::7", 555, 1.0)
     assert result is not None
     assert result["features"]["packets_in"] == 1.0
+
+
+def test_ipv6_key_matches_request_spelling():
+    # glibc's inet_ntop writes ::a.b.c.d for this deprecated form, ipaddress does not.
+    raw_source = bytes(12) + bytes([0x49, 0x5B, 0, 0])
+    packet = IPv6(src="::1", dst="2001:db8::1") / TCP(sport=555, dport=25)
+    raw = bytearray(bytes(packet))
+    raw[8:24] = raw_source
+    table = FlowTable(25)
+    table.update(parse_packet(bytes(raw)), 1.0)
+    ip, port = parse_request(b"FLOW ::495b:0 555")
+    assert table.lookup(ip, port, 1.0) is not None

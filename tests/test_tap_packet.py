@@ -221,3 +221,14 @@ def test_random_bytes_never_raise():
         cut = rng.randint(0, len(mutated))
         segment = parse_packet(bytes(mutated[:cut]))
         assert segment is None or segment.dport >= 0
+
+
+def test_truncated_options_without_syn_are_none():
+    tcp = TCP(sport=40211, dport=25, flags="A", options=[("Timestamp", (5, 6))])
+    raw = bytes(IP(src=CLIENT, dst=SERVER) / tcp / b"data")
+    assert parse_packet(raw) is not None
+    for length in range(40, 52):
+        assert parse_packet(raw[:length]) is None, length
+    segment = parse_packet(raw[:52])
+    assert segment is not None
+    assert segment.payload_len == 4
