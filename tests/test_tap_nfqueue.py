@@ -170,9 +170,9 @@ def transfer(server_ip: str = SERVER_IP) -> dict:
     return result
 
 
-def tap_command(socket_path: Path) -> list[str]:
+def tap_command(socket_path: Path, queue: int = QUEUE) -> list[str]:
     return in_ns(
-        SERVER_NS, PYTHON, "-m", "spamflow", "tap", "--queue", str(QUEUE),
+        SERVER_NS, PYTHON, "-m", "spamflow", "tap", "--queue", str(queue),
         "--socket", str(socket_path), "--server-port", str(PORT), "--linger", "60",
     )
 
@@ -271,6 +271,11 @@ def test_tap_measures_real_connections(namespaces, tmp_path):
         ipv6 = measured_transfer(socket_path, SERVER_IP6, CLIENT_IP6)
         missing = query(socket_path, CLIENT_IP, 9)
         earlier = query(socket_path, CLIENT_IP, before["port"])
+
+        # A second tap can take neither the bound queue nor the live socket.
+        same_queue = run(*tap_command(tmp_path / "other.sock"), check=False)
+        same_socket = run(*tap_command(socket_path, queue=QUEUE + 1), check=False)
+        assert query(socket_path, CLIENT_IP, ipv4["port"])["status"] == "ok"
     finally:
         tap.send_signal(signal.SIGTERM)
         try:
@@ -295,6 +300,11 @@ def test_tap_measures_real_connections(namespaces, tmp_path):
     assert features["initial_ttl"] == 64.0
     assert features["hop_count"] == 14.0
     assert features["syn_mss"] == 1440.0
+
+    assert same_queue.returncode == 1
+    assert f"cannot bind NFQUEUE {QUEUE}" in same_queue.stderr
+    assert same_socket.returncode == 1
+    assert "another process is serving" in same_socket.stderr
 
     assert missing == {"status": "not-found", "flow": f"{CLIENT_IP}:9"}
     # The connection made before the tap started was never seen.
