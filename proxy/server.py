@@ -534,7 +534,14 @@ class ProxyServer:
             return verdict
 
         p = float(model.predict_spam_probability(verdict.features))
-        verdict.p = min(1.0, max(0.0, p))
+        if not 0.0 <= p <= 1.0:
+            # NaN fails this test too, and clamping it would produce p=0.00.
+            logger.error(
+                "peer=%s flow=%s model %s returned invalid p %r, adding no verdict",
+                _peer_text(peer), identity.flow, model.name, p,
+            )
+            return verdict
+        verdict.p = p
         verdict.model = model.name
         verdict.header_value = f"p={verdict.p:.2f}; model={model.name}; flow={identity.flow}"
         return verdict

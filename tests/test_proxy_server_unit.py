@@ -503,3 +503,31 @@ async def test_model_reload_periodic(spamd, tap, learner):
         await server.shutdown(timeout=5)
     assert learner.reloads >= 3  # the failing second reload did not stop the task
     assert response.startswith(b"SPAMD/1.1 0 EX_OK\r\n")
+
+
+@pytest.mark.parametrize("p", [float("nan"), 1.5, -0.1])
+async def test_invalid_probability_no_verdict(spamd, tap, p):
+    learner = FakeLearner(FakeModel(p=p))
+    server = await _start_proxy(spamd, tap, learner)
+    try:
+        await _send(server.listen_port, _request("CHECK", _signed_message()))
+        await _drain(server)
+    finally:
+        await server.shutdown(timeout=5)
+    assert not _forwarded_message(spamd.requests[0]).startswith(b"X-Spamflow:")
+    (observation,) = learner.observations
+    assert observation["p"] is None
+    assert observation["features"] == FEATURES
+
+
+async def test_probability_edges_formatted(spamd, tap):
+    cases = [(0.0, b"p=0.00;"), (1.0, b"p=1.00;"), (0.345, b"p=0.34;"), (0.999, b"p=1.00;")]
+    for p, text in cases:
+        learner = FakeLearner(FakeModel(p=p))
+        spamd.requests.clear()
+        server = await _start_proxy(spamd, tap, learner)
+        try:
+            await _send(server.listen_port, _request("PROCESS", _signed_message()))
+        finally:
+            await server.shutdown(timeout=5)
+        assert _forwarded_message(spamd.requests[0]).startswith(b"X-Spamflow: " + text)
