@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
@@ -326,3 +328,29 @@ def test_ipv6_key_matches_request_spelling():
     table.update(parse_packet(bytes(raw)), 1.0)
     ip, port = parse_request(b"FLOW ::495b:0 555")
     assert table.lookup(ip, port, 1.0) is not None
+
+
+def test_random_segments_keep_invariants():
+    rng = random.Random(11)
+    table = FlowTable(25, max_flows=20, linger=5.0)
+    timestamp = 0.0
+    for _ in range(2000):
+        timestamp += rng.random() * 0.05
+        inbound = rng.random() < 0.5
+        flags = rng.choice(["S", "SA", "A", "PA", "FA", "R", "RA"])
+        sport, dport = (rng.randint(1000, 1040), 25) if inbound else (25, rng.randint(1000, 1040))
+        packet = IP(src=CLIENT if inbound else SERVER, dst=SERVER if inbound else CLIENT) / TCP(
+            sport=sport, dport=dport, flags=flags, seq=rng.randrange(2**32),
+            ack=rng.randrange(2**32),
+        )
+        data = b"z" * rng.choice([0, 0, 1, 100, 1448])
+        table.update(parse_packet(bytes(packet / data if data else packet)), timestamp)
+        assert len(table) <= 20
+    for (ip, port), flow in table.items():
+        result = table.lookup(ip, port, timestamp)
+        assert result is not None
+        values = result["features"]
+        assert values["packets_in"] + values["packets_out"] >= 1.0
+        assert values["retransmissions_in"] <= values["packets_in"]
+        assert values["retransmissions_out"] <= values["packets_out"]
+        assert values["duration_s"] >= 0.0
