@@ -37,6 +37,8 @@ def crafted_session(client_port: int = 40211) -> list[bytes]:
         IP(src=CLIENT, dst=SERVER, ttl=113)
         / TCP(sport=client_port, dport=25, flags="A", seq=client_seq + 1, ack=server_seq + 1),
     ]
+
+    # Data segments from the client, each acknowledged by the server.
     client_seq += 1
     server_seq += 1
     for _ in range(20):
@@ -50,6 +52,8 @@ def crafted_session(client_port: int = 40211) -> list[bytes]:
             IP(src=SERVER, dst=CLIENT)
             / TCP(sport=25, dport=client_port, flags="A", seq=server_seq, ack=client_seq)
         )
+
+    # A retransmission of the last data segment, the server's reply and the FIN.
     packets.append(packets[-2])
     packets.append(
         IP(src=SERVER, dst=CLIENT)
