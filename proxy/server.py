@@ -48,6 +48,9 @@ MODEL_RELOAD_INTERVAL = 30.0
 # Background scoring: concurrent workers and queued requests before new ones are dropped.
 SCORING_WORKERS = 2
 SCORING_QUEUE_SIZE = 256
+# Maximum bytes of queued messages. Only jobs with a verdict keep their message, for
+# the second CHECK, so this bounds memory when spamd falls behind.
+SCORING_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 # Seconds that shutdown waits for in-flight requests, then for queued scoring.
 SHUTDOWN_TIMEOUT = 30.0
 PIPE_CHUNK_BYTES = 64 * 1024
@@ -100,6 +103,7 @@ class ScoringJob:
     peer: str
     method: str
     user: bytes | None
+    # Empty unless a verdict was added, because only then does the worker rescan it.
     message_without_verdict: bytes
     verdict: Verdict
     response: bytes
@@ -149,6 +153,7 @@ class ProxyServer:
         observation_factory: Callable[..., Any] | None = None,
         scoring_workers: int = SCORING_WORKERS,
         scoring_queue_size: int = SCORING_QUEUE_SIZE,
+        scoring_queue_max_bytes: int = SCORING_QUEUE_MAX_BYTES,
         model_reload_interval: float = MODEL_RELOAD_INTERVAL,
     ) -> None:
         self.config = config
@@ -159,6 +164,8 @@ class ProxyServer:
         self.trusted = parse_trusted(config.trusted_mta)
         self._observation_factory = observation_factory
         self._worker_count = scoring_workers
+        self._queue_max_bytes = scoring_queue_max_bytes
+        self._queued_bytes = 0
         self._model_reload_interval = model_reload_interval
         self._queue: asyncio.Queue[ScoringJob] = asyncio.Queue(scoring_queue_size)
         self._server: asyncio.Server | None = None
@@ -459,7 +466,7 @@ class ProxyServer:
             peer=_peer_text(peer),
             method=method,
             user=user[0].value if user else None,
-            message_without_verdict=cleaned,
+            message_without_verdict=cleaned if verdict.header_value is not None else b"",
             verdict=verdict,
             response=response,
             duration=time.monotonic() - started,
@@ -560,7 +567,10 @@ class ProxyServer:
     # Background scoring
 
     def _enqueue(self, job: ScoringJob) -> None:
+        size = len(job.message_without_verdict)
         try:
+            if self._queued_bytes + size > self._queue_max_bytes:
+                raise asyncio.QueueFull
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             self.dropped_jobs += 1
@@ -570,6 +580,8 @@ class ProxyServer:
                 job.peer, job.method, job.verdict.flow or "-", _format_p(job.verdict.p),
                 self.dropped_jobs,
             )
+            return
+        self._queued_bytes += size
 
     async def _scoring_worker(self) -> None:
         while True:
@@ -579,6 +591,7 @@ class ProxyServer:
             except Exception:
                 logger.exception("peer=%s scoring for learning failed", job.peer)
             finally:
+                self._queued_bytes -= len(job.message_without_verdict)
                 self._queue.task_done()
 
     async def _record(self, job: ScoringJob) -> None:

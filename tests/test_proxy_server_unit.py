@@ -531,3 +531,30 @@ async def test_probability_edges_formatted(spamd, tap):
         finally:
             await server.shutdown(timeout=5)
         assert _forwarded_message(spamd.requests[0]).startswith(b"X-Spamflow: " + text)
+
+
+async def test_queue_byte_limit_drops(spamd, tap, learner):
+    config = ProxyConfig(
+        listen="127.0.0.1:0",
+        spamd=f"127.0.0.1:{spamd.port}",
+        tap_socket=tap.path,
+        trusted_mta=["127.0.0.1"],
+    )
+    server = ProxyServer(
+        config,
+        learner,
+        KEY,
+        observation_factory=dict,
+        scoring_queue_max_bytes=100,
+    )
+    await server.start()
+    try:
+        await _send(server.listen_port, _request("CHECK", _message(None)))
+        await _send(server.listen_port, _request("CHECK", _signed_message()))
+        await _drain(server)
+    finally:
+        await server.shutdown(timeout=5)
+    assert server.dropped_jobs == 1  # only the verdict job keeps its message bytes
+    (observation,) = learner.observations
+    assert observation["flow"] is None
+    assert server._queued_bytes == 0
