@@ -39,8 +39,11 @@ VERDICT_HEADER = "X-Spamflow"
 MIN_REWRITE_VERSION = (1, 2)
 MAX_REWRITE_VERSION = (1, 5)
 # Header names as spamd 4.0.1 matches them (case-sensitive).
-SPAMD_HEADER_SPELLING = {b"content-length": b"Content-length", b"compress": b"Compress",
-                         b"user": b"User"}
+SPAMD_HEADER_SPELLING = {
+    b"content-length": b"Content-length",
+    b"compress": b"Compress",
+    b"user": b"User",
+}
 # Seconds to wait for a TCP connection to spamd.
 SPAMD_CONNECT_TIMEOUT = 10.0
 # Seconds between checks for a retrained model file.
