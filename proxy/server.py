@@ -295,7 +295,7 @@ class ProxyServer:
         if method not in protocol.SCORED_METHODS:
             raise _PassThroughError(f"{method} carries no message to score")
         if not MIN_REWRITE_VERSION <= version <= MAX_REWRITE_VERSION:
-            raise _PassThroughError(f"protocol version {version[0]}.{version[1]}")
+            raise _PassThroughError(f"unsupported protocol version {version[0]}.{version[1]}")
 
         while not consumed.endswith(protocol.HEAD_END):
             await self._read_line(reader, consumed)
@@ -355,7 +355,7 @@ class ProxyServer:
         if not found:
             return False
         if found[0].value.strip().lower() != b"zlib":
-            raise _PassThroughError(f"Compress value {found[0].value[:20]!r}")
+            raise _PassThroughError(f"unsupported Compress value {found[0].value[:20]!r}")
         return True
 
     def _decompress(self, body: bytes) -> bytes:
@@ -432,13 +432,13 @@ class ProxyServer:
         source: asyncio.StreamReader, sink: asyncio.StreamWriter, keep: int = 0
     ) -> bytes:
         """Copy source to sink until EOF and return the first keep bytes."""
-        kept = bytearray()
+        start = bytearray()
         while chunk := await source.read(PIPE_CHUNK_BYTES):
-            if len(kept) < keep:
-                kept += chunk[: keep - len(kept)]
+            if len(start) < keep:
+                start += chunk[: keep - len(start)]
             sink.write(chunk)
             await sink.drain()
-        return bytes(kept)
+        return bytes(start)
 
     # Scanning
 
