@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 POLICY_LISTEN = "127.0.0.1:10040"
 PROXY_LISTEN = "127.0.0.1:7830"
 DAEMON_START_TIMEOUT = 30.0
+WORK_PARENT = "/var/tmp"
 
 
 @dataclass
@@ -158,8 +159,21 @@ class Testbed:
 
         options = self.options
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # nobody runs the Postfix pipe, so its files sit under a world-traversable folder.
-        self.work = Path(tempfile.mkdtemp(prefix="spamflow-run-", dir="/var/tmp"))
+        self.topology = self._stack.enter_context(Topology(
+            options.prefix,
+            {"spam": options.spam_profile, "ham": options.ham_profile},
+            log_dir=self.log_dir, seed=options.seed,
+        ))
+        server_ns = self.topology.server_ns
+
+        # The user nobody runs the Postfix pipe, so its files sit under a world-traversable
+        # folder. Folders of an earlier run with this prefix are leftovers of a crash,
+        # because the Topology above has just ended every process of that run.
+        work_prefix = f"spamflow-run-{options.prefix}-"
+        for leftover in Path(WORK_PARENT).glob(work_prefix + "*"):
+            log.warning("removing %s left by an earlier run", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.work = Path(tempfile.mkdtemp(prefix=work_prefix, dir=WORK_PARENT))
         os.chmod(self.work, 0o755)
         self._stack.callback(self._collect_and_remove_work)
 
@@ -167,13 +181,6 @@ class Testbed:
         key_file.write_bytes(os.urandom(32))
         os.chmod(key_file, 0o600)
         tap_socket = self.work / "tap.sock"
-
-        self.topology = self._stack.enter_context(Topology(
-            options.prefix,
-            {"spam": options.spam_profile, "ham": options.ham_profile},
-            log_dir=self.log_dir, seed=options.seed,
-        ))
-        server_ns = self.topology.server_ns
 
         self.spamd = self._stack.enter_context(SpamdInstance(
             self.run_dir / "spamd", netns=server_ns, max_children=options.spamd_children))
