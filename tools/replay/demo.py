@@ -2,6 +2,11 @@
 
 The corpus labels choose the sender path (spam or ham namespace) and score the results.
 They never reach the proxy or the models, which learn only from SpamAssassin's scores.
+
+NOTE: the two paths are synthetic and every spam message takes the spam path, so the flow
+model can tell the classes apart by construction. The table shows that the pipeline works
+end to end (learning, verdicts, SPAMFLOW rules), not how well flow features detect spam on
+real traffic.
 """
 
 from __future__ import annotations

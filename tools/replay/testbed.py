@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spamflow.replay.daemons import Daemon
+from spamflow.replay.daemons import Daemon, DaemonError
 from spamflow.replay.netns import (DEFAULT_PREFIX, HAM_PROFILE, SPAM_PROFILE, PathProfile,
                                    Topology, netns_exec, run, wait_for_port)
 from spamflow.replay.postfix import DEFAULT_DOMAIN, PostfixInstance
@@ -230,7 +230,7 @@ class Testbed:
         host, port = address.rsplit(":", 1)
         if not wait_for_port(self.topology.server_ns, host, int(port), DAEMON_START_TIMEOUT):
             daemon.check_running()
-            raise RuntimeError(f"{daemon.name} did not listen on {address} within "
+            raise DaemonError(f"{daemon.name} did not listen on {address} within "
                                f"{DAEMON_START_TIMEOUT:.0f} s\n{daemon.log_tail()}")
         daemon.check_running()
 
