@@ -59,8 +59,8 @@ class PathProfile:
         }
 
 
-# A far-away, lossy sender on another operating system's stack defaults (TTL 128, no
-# timestamps) and a nearby, clean Linux sender.
+# Spam path: a distant, lossy sender with Windows-like stack defaults (TTL 128, no TCP
+# timestamps). Ham path: a nearby, clean sender with Linux defaults.
 SPAM_PROFILE = PathProfile(ttl=128, tcp_timestamps=False, tcp_sack=True,
                            tcp_window_scaling=True, loss=0.02, delay_ms=120.0, jitter_ms=40.0)
 HAM_PROFILE = PathProfile(ttl=64, loss=0.0, delay_ms=15.0, jitter_ms=3.0)

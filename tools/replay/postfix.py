@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 POSTFIX = "/usr/sbin/postfix"
 SPAMC = "/usr/bin/spamc"
 DEFAULT_DOMAIN = "spamflow.test"
-# Long enough that Postfix never splits a body line, so delivered bodies stay identical.
+# Postfix splits lines longer than line_length_limit (default 2048 bytes). A 1 MB limit
+# keeps every line of a replayed message (200 kB at most) intact.
 LINE_LENGTH_LIMIT = 1_000_000
 START_TIMEOUT = 30.0
 LOG_TAIL_LINES = 40
