@@ -1,12 +1,15 @@
 """End-to-end replay through real namespaces, spamd, tap, policy, proxy and Postfix.
 
-One testbed serves every test of this module, in file order: the learning run first,
-then the fail-open checks, which kill the tap.
+One testbed serves the first two tests, in file order: the learning run first, then the
+fail-open checks, which kill the tap. The last test runs ``spamflow demo`` on its own.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +119,32 @@ def test_fail_open_without_tap(testbed, messages):
         assert headers.spamflow is None, f"{message.id} carries {headers.spamflow}"
         assert b"\nX-Spamflow:" not in b"\n" + split_message(data)[0]
         assert _body(data) == _body(smtp_canonical(message.raw))
+
+
+def test_demo_command_writes_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "spamflow", "demo", "--spam", "4", "--ham", "4",
+         "--run-dir", str(run_dir), "--prefix", f"sft-rp-{os.getpid()}-d", "--no-progress"],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SA-only accuracy" in result.stdout
+    assert "accuracy with SPAMFLOW" in result.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sent"] == 8
+    assert summary["delivered"] == 8
+    assert summary["observed"] == 8
+    assert summary["complete"] is True
+
+    lines = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    assert {line["label"] for line in lines} == {"spam", "ham"}
+    for line in lines:
+        assert set(line) >= {"id", "label", "flow", "delivered", "score", "base_score", "p",
+                             "model", "spamflow_rules"}
+        assert line["flow"].startswith("198.18.")
+    for name in ("tap.log", "policy.log", "proxy.log", "maillog", "delay-spam.log"):
+        assert (run_dir / "logs" / name).stat().st_size > 0, name
+    assert (run_dir / "summary.txt").read_text().startswith("messages sent")
+    assert len(list((run_dir / "Maildir" / "new").iterdir())) == 8
