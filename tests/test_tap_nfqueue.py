@@ -124,7 +124,12 @@ def namespaces():
             run(*in_ns(namespace, "ip", "link", "set", veth, "up"))
         for command in ("iptables", "ip6tables"):
             for chain, match in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
-                run(*in_ns(SERVER_NS, command, "-A", chain, "-p", "tcp", match, str(PORT),
+                tcp_port = ["-p", "tcp", match, str(PORT)]
+
+                # A rule without target only counts, here the RST segments.
+                run(*in_ns(SERVER_NS, command, "-A", chain, *tcp_port,
+                           "--tcp-flags", "RST", "RST"))
+                run(*in_ns(SERVER_NS, command, "-A", chain, *tcp_port,
                            "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"))
         yield
     finally:
@@ -132,13 +137,17 @@ def namespaces():
             run("ip", "netns", "del", namespace, check=False)
 
 
-def rule_packets(chain: str, command: str = "iptables") -> int:
-    """Return the packet counter of the NFQUEUE rule in a chain of the server namespace."""
+def rule_packets(chain: str, command: str = "iptables", marker: str = "NFQUEUE") -> int:
+    """Return the packet counter of the first rule listed with marker in a chain."""
     output = run(*in_ns(SERVER_NS, command, "-L", chain, "-v", "-x", "-n")).stdout
     for line in output.splitlines():
-        if "NFQUEUE" in line:
+        if marker in line:
             return int(line.split()[0])
-    raise AssertionError(f"no NFQUEUE rule in {chain}: {output}")
+    raise AssertionError(f"no rule with {marker!r} in {chain}: {output}")
+
+
+def rst_packets(chain: str, command: str = "iptables") -> int:
+    return rule_packets(chain, command, marker="flags:0x04/0x04")
 
 
 def retransmitted_segments(namespace: str) -> int:
@@ -201,22 +210,39 @@ def measured_transfer(socket_path: Path, server_ip: str, client_ip: str) -> dict
     command = "ip6tables" if ":" in server_ip else "iptables"
     rules_in = rule_packets("INPUT", command)
     rules_out = rule_packets("OUTPUT", command)
+    rst_in = rst_packets("INPUT", command)
+    rst_out = rst_packets("OUTPUT", command)
     client_retransmitted = retransmitted_segments(CLIENT_NS)
     server_retransmitted = retransmitted_segments(SERVER_NS)
 
     result = transfer(server_ip)
     assert result["received"] == SENT_BYTES
     assert result["reply"] == len(REPLY)
-    time.sleep(0.3)
 
-    return {
-        "port": result["port"],
-        "response": query(socket_path, client_ip, result["port"]),
-        "packets_in": rule_packets("INPUT", command) - rules_in,
-        "packets_out": rule_packets("OUTPUT", command) - rules_out,
-        "client_retransmitted": retransmitted_segments(CLIENT_NS) - client_retransmitted,
-        "server_retransmitted": retransmitted_segments(SERVER_NS) - server_retransmitted,
-    }
+    # The last ACK may still be on its way, so read the counters and the tap until
+    # they agree or 3 s pass. A lasting difference then fails the checks.
+    deadline = time.monotonic() + 3.0
+    while True:
+        time.sleep(0.1)
+        measured = {
+            "port": result["port"],
+            "packets_in": rule_packets("INPUT", command) - rules_in,
+            "packets_out": rule_packets("OUTPUT", command) - rules_out,
+            "rst_in": rst_packets("INPUT", command) - rst_in,
+            "rst_out": rst_packets("OUTPUT", command) - rst_out,
+            "response": query(socket_path, client_ip, result["port"]),
+        }
+        features = measured["response"].get("features", {})
+        settled = all(
+            features.get(name) == measured[name]
+            for name in ("packets_in", "packets_out", "rst_in", "rst_out")
+        )
+        if settled or time.monotonic() > deadline:
+            break
+
+    measured["client_retransmitted"] = retransmitted_segments(CLIENT_NS) - client_retransmitted
+    measured["server_retransmitted"] = retransmitted_segments(SERVER_NS) - server_retransmitted
+    return measured
 
 
 def check_transfer_features(measured: dict, client_ip: str) -> dict:
@@ -234,19 +260,27 @@ def check_transfer_features(measured: dict, client_ip: str) -> dict:
     retransmissions_out = features["retransmissions_out"]
     assert retransmissions_in <= measured["client_retransmitted"]
     assert retransmissions_out <= measured["server_retransmitted"]
-    if retransmissions_in == 0:
+    if measured["client_retransmitted"] == 0:
         assert features["bytes_in"] == SENT_BYTES
     else:
         extra = features["bytes_in"] - SENT_BYTES
-        assert retransmissions_in <= extra <= retransmissions_in * features["syn_mss"]
-    assert features["bytes_out"] == len(REPLY) * (1 + retransmissions_out)
+        assert retransmissions_in <= extra
+        assert extra <= measured["client_retransmitted"] * features["syn_mss"]
+    if measured["server_retransmitted"] == 0:
+        assert features["bytes_out"] == len(REPLY)
+    else:
+        assert features["bytes_out"] == len(REPLY) * (1 + retransmissions_out)
 
     assert features["packets_in"] == measured["packets_in"]
     assert features["packets_out"] == measured["packets_out"]
     assert features["fin_in"] == 1.0
     assert features["fin_out"] == 1.0
-    assert features["rst_in"] == 0.0
-    assert features["rst_out"] == 0.0
+
+    # The server closes second and keeps no TIME_WAIT state, so it answers a segment
+    # that arrives after its close (a window update or a late duplicate) with a RST.
+    assert features["rst_in"] == measured["rst_in"]
+    assert features["rst_out"] == measured["rst_out"]
+    assert features["rst_out"] <= 1.0
     assert features["syn_sack_permitted"] == 1.0
     assert features["syn_timestamps"] == 1.0
     assert 0.0 < features["handshake_rtt_ms"] < 1000.0
