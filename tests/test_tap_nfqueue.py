@@ -276,7 +276,7 @@ def check_transfer_features(measured: dict, client_ip: str) -> dict:
     assert features["fin_in"] == 1.0
     assert features["fin_out"] == 1.0
 
-    # The server closes second and keeps no TIME_WAIT state, so it answers a segment
+    # The server closes second and keeps no TIME_WAIT state, so it replies to a segment
     # that arrives after its close (a window update or a late duplicate) with a RST.
     assert features["rst_in"] == measured["rst_in"]
     assert features["rst_out"] == measured["rst_out"]
