@@ -22,6 +22,7 @@ from typing import Any
 
 from spamflow.replay.corpus import load_messages
 from spamflow.replay.netns import DEFAULT_PREFIX
+from spamflow.replay.plots import write_plots
 from spamflow.replay.results import (build_results, format_table, result_to_dict,
                                      summarize)
 from spamflow.replay.testbed import (LearnSettings, ReplayMessage, Testbed, TestbedOptions,
@@ -107,6 +108,7 @@ def _write_outputs(run_dir: Path, results: list[Any], summary: dict[str, Any]) -
             handle.write(json.dumps(result_to_dict(result)) + "\n")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.txt").write_text(format_table(summary) + "\n")
+    write_plots(results, run_dir)
 
 
 def _wait_for_interrupt() -> None:
