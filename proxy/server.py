@@ -112,6 +112,9 @@ class ScoringJob:
     response: bytes
     duration: float
     message_id: str | None = None
+    # False when the client's bytes went to spamd unchanged, because then spamd's score
+    # may include SPAMFLOW rules fired by a forged verdict header.
+    verdict_removed: bool = True
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -447,16 +450,20 @@ class ProxyServer:
     ) -> None:
         method = request.head.method
         outgoing, cleaned, verdict = await self._rewrite(request, peer)
+        verdict_removed = cleaned is not None
+        if cleaned is None:
+            cleaned = request.message
 
         connection = await self._open_spamd(peer)
         if connection is None:
             return
         spamd_reader, spamd_writer = connection
         try:
-            spamd_writer.write(outgoing)
-            await spamd_writer.drain()
-            spamd_writer.write_eof()
+            # The timeout also covers sending, because a stalled spamd stops reading.
             async with asyncio.timeout(self.config.spamd_timeout):
+                spamd_writer.write(outgoing)
+                await spamd_writer.drain()
+                spamd_writer.write_eof()
                 response = await self._copy(
                     spamd_reader, writer, keep=protocol.MAX_RESPONSE_HEAD_BYTES
                 )
@@ -474,16 +481,18 @@ class ProxyServer:
             response=response,
             duration=time.monotonic() - started,
             message_id=message_headers.find_header(cleaned, "Message-Id"),
+            verdict_removed=verdict_removed,
         )
         self._enqueue(job)
 
     async def _rewrite(
         self, request: ScanRequest, peer: Any
-    ) -> tuple[bytes, bytes, Verdict]:
+    ) -> tuple[bytes, bytes | None, Verdict]:
         """Return the request to send, the message without verdict, and the verdict.
 
         Each failing step falls back to less: a failed verdict lookup leaves the message
-        without a verdict, and a failed header edit sends the client's bytes unchanged.
+        without a verdict, and a failed header edit sends the client's bytes unchanged
+        and returns None as the message without verdict.
         """
         method = request.head.method
         try:
@@ -493,7 +502,7 @@ class ProxyServer:
                 "peer=%s method=%s removing %s failed, forwarding the request unchanged",
                 _peer_text(peer), method, VERDICT_HEADER,
             )
-            return request.raw, request.message, Verdict()
+            return request.raw, None, Verdict()
 
         try:
             verdict = await self._find_verdict(cleaned, peer)
@@ -517,7 +526,7 @@ class ProxyServer:
                 "peer=%s method=%s request rewrite failed, forwarding it unchanged",
                 _peer_text(peer), method,
             )
-            return request.raw, request.message, Verdict()
+            return request.raw, None, Verdict()
 
     async def _find_verdict(self, message: bytes, peer: Any) -> Verdict:
         """Look up the flow's features and the model's p. Missing pieces stay None."""
@@ -608,7 +617,7 @@ class ProxyServer:
             logger.warning("peer=%s spamd response not parsed: %s", job.peer, error)
 
         base_score = None
-        if spam is not None and code == protocol.SpamdExitCode.EX_OK:
+        if spam is not None and code == protocol.SpamdExitCode.EX_OK and job.verdict_removed:
             if job.verdict.header_value is None:
                 base_score = spam.score
             else:
@@ -664,10 +673,10 @@ class ProxyServer:
             return None
         spamd_reader, spamd_writer = connection
         try:
-            spamd_writer.write(request)
-            await spamd_writer.drain()
-            spamd_writer.write_eof()
             async with asyncio.timeout(self.config.spamd_timeout):
+                spamd_writer.write(request)
+                await spamd_writer.drain()
+                spamd_writer.write_eof()
                 response = await self._read_head(spamd_reader)
         finally:
             spamd_writer.close()

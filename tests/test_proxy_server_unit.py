@@ -558,3 +558,46 @@ async def test_queue_byte_limit_drops(spamd, tap, learner):
     (observation,) = learner.observations
     assert observation["flow"] is None
     assert server._queued_bytes == 0
+
+
+async def test_failed_header_edit_not_learned(proxy, spamd, learner, monkeypatch):
+    def broken_remove_header(message: bytes, name: str) -> bytes:
+        raise RuntimeError("header edit failed")
+
+    monkeypatch.setattr("spamflow.proxy.message.remove_header", broken_remove_header)
+    request = _request("CHECK", _signed_message(forged=True))
+    response = await _send(proxy.listen_port, request)
+    await _drain(proxy)
+
+    assert spamd.requests == [request]
+    assert response == spamd._answer(request)
+    # spamd scored the forged verdict header, so that score is no base score.
+    assert learner.observations == []
+
+
+async def test_stalled_spamd_send_times_out(tap, learner):
+    connected = asyncio.Event()
+    release = asyncio.Event()
+
+    async def never_read(reader, writer) -> None:
+        connected.set()
+        await release.wait()
+        writer.close()
+
+    stalled = await asyncio.start_server(never_read, "127.0.0.1", 0)
+    spamd = FakeSpamd(port=stalled.sockets[0].getsockname()[1])
+    # Larger than what loopback socket buffers hold, so sending blocks on spamd.
+    message = _message(None) + b"x" * (32 * 1024 * 1024)
+    server = await _start_proxy(
+        spamd, tap, learner, spamd_timeout=1.0, max_message_size=64 * 1024 * 1024
+    )
+    try:
+        response = await _send(server.listen_port, _request("CHECK", message))
+    finally:
+        await server.shutdown(timeout=5)
+        release.set()
+        stalled.close()
+        await stalled.wait_closed()
+    assert connected.is_set()
+    assert response == b""
+    assert learner.observations == []
