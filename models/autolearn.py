@@ -25,11 +25,10 @@ log = logging.getLogger(__name__)
 class AutoLearner:
     """Owns the current model: labels and records observations and retrains from them.
 
-    observe() runs in the caller's thread (the proxy's event loop) and does only an
-    SQLite insert and, when a retrain is due, a count query. Training runs in at most one
-    background thread at a time. The new model
-    replaces the old one by a single attribute assignment, so ``model`` always returns a
-    complete model.
+    observe() runs in the caller's thread (the proxy calls it through asyncio.to_thread)
+    and does only an SQLite insert and, when a retrain is due, a count query. Training runs
+    in at most one background thread at a time. The new model replaces the old one by a
+    single attribute assignment, so ``model`` always returns a complete model.
     """
 
     def __init__(self, store: ExampleStore, model_path: str | Path, config: LearnConfig) -> None:
@@ -135,8 +134,17 @@ class AutoLearner:
 
         Returns True when a new model was loaded. A missing, unsafe or unreadable file
         logs an error and keeps the current model. The file is not retried until it
-        changes again.
+        changes again. While a training runs, nothing is loaded, because that training
+        installs a newer model and a load finishing after it would replace that model.
         """
+        if not self._training_lock.acquire(blocking=False):
+            return False
+        try:
+            return self._reload_if_changed()
+        finally:
+            self._training_lock.release()
+
+    def _reload_if_changed(self) -> bool:
         try:
             status = os.stat(self.model_path)
         except FileNotFoundError:

@@ -249,6 +249,25 @@ def test_reload_after_replace(store: ExampleStore, tmp_path: Path) -> None:
     assert learner.model.name == "xgb-12"
 
 
+def test_reload_waits_for_training(store: ExampleStore, tmp_path: Path) -> None:
+    learner = make_learner(store, tmp_path, retrain_every=1000)
+    for item in alternating(20):
+        learner.observe(item)
+    trained = learner.retrain_now()
+    assert trained is not None
+    X, y = store.training_data()
+    save_model(train_model(X[:12], y[:12], "xgb"), learner.model_path)
+
+    # A file written before a running training finishes is older than that training's
+    # result, so reload_if_changed leaves it alone until the training is done.
+    with learner._training_lock:
+        assert learner.reload_if_changed() is False
+        assert learner.model is trained
+    assert learner.reload_if_changed() is True
+    assert learner.model is not None
+    assert learner.model.name == "xgb-12"
+
+
 def test_invalid_config_rejected(store: ExampleStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="allowed kinds: nb, tree, svm, xgb"):
         make_learner(store, tmp_path, model_kind="forest")
