@@ -73,9 +73,9 @@ def check_model_file(path: str | Path) -> os.stat_result:
 
     Checks: path is a regular file and not a symbolic link, and the file and its parent
     directory are owned by root or the current effective user and are not writable by
-    group or others. Directories above the parent may be writable by others only when
-    their sticky bit is set (as on /tmp), because then only an entry's owner or root can
-    rename or delete it.
+    group or others. Directories above the parent, on the given and on the resolved path,
+    may be writable by others only when their sticky bit is set (as on /tmp), because then
+    only an entry's owner or root can rename or delete it.
     Raises FileNotFoundError when path does not exist.
     """
     path = Path(path)
@@ -93,7 +93,9 @@ def check_model_file(path: str | Path) -> os.stat_result:
     parent_status = os.stat(parent)
     _check_owner_and_mode(parent, parent_status, "model directory")
 
-    for ancestor in parent.resolve().parents:
+    # Both spellings count: a symbolic link in the given path sits in a directory that
+    # the resolved path does not pass through.
+    for ancestor in sorted({*parent.parents, *parent.resolve().parents}):
         ancestor_status = os.stat(ancestor)
         sticky = bool(ancestor_status.st_mode & stat.S_ISVTX)
         if not sticky:

@@ -119,6 +119,18 @@ def test_rejects_symlink(model: FlowModel, model_dir: Path) -> None:
         load_model(link)
 
 
+def test_rejects_link_in_writable_dir(model: FlowModel, model_dir: Path,
+                                      tmp_path: Path) -> None:
+    save_model(model, model_dir / "model.joblib")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "models").symlink_to(model_dir)
+    # Any user could point shared/models at another directory.
+    with pytest.raises(UnsafeModelError, match="directory above the model .*shared"):
+        load_model(shared / "models" / "model.joblib")
+
+
 def test_rejects_directory(model_dir: Path) -> None:
     path = model_dir / "model.joblib"
     path.mkdir()
