@@ -144,3 +144,22 @@ def test_runs_inside_netns(tmp_path: Path, netns: str) -> None:
         # The host namespace has no listener on that port.
         with pytest.raises(OSError):
             send_request("127.0.0.1", instance.port, "PING", timeout=2)
+
+
+def test_parse_reply_report_ifspam() -> None:
+    reply = parse_reply(b"SPAMD/1.1 0 EX_OK\r\nSpam: Yes ; 7.1 / 5.0\r\n\r\nreport text\n")
+    assert reply.is_spam is True
+    assert reply.score == 7.1
+    assert reply.body == b"report text\n"
+
+
+def test_parse_reply_status_only() -> None:
+    reply = parse_reply(b"SPAMD/1.5 0 PONG\r\n")
+    assert reply.status_line == "SPAMD/1.5 0 PONG"
+    assert reply.headers == {}
+    assert reply.body == b""
+
+
+def test_parse_reply_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="invalid response line"):
+        parse_reply(b"HTTP/1.1 200 OK\r\n\r\n")

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from spamflow import sa_rules
+from spamflow.proxy import spamd_protocol as protocol
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +76,24 @@ class SpamdReply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
 
+    def spam(self) -> protocol.SpamResult:
+        """Parse the ``Spam:`` header. Raises KeyError when the response has none."""
+        return protocol.parse_spam_value(self.headers["Spam"].encode("ascii"))
+
     @property
     def is_spam(self) -> bool:
-        """The ``Spam:`` header's verdict. Raises KeyError when the header is missing."""
-        return self.headers["Spam"].split(";")[0].strip() == "True"
+        """The ``Spam:`` header's verdict (True/False, or Yes/No for REPORT_IFSPAM)."""
+        return self.spam().is_spam
 
     @property
     def score(self) -> float:
         """The score from ``Spam: True ; 1000.0 / 5.0``."""
-        return float(self.headers["Spam"].split(";")[1].split("/")[0])
+        return self.spam().score
 
     @property
     def threshold(self) -> float:
         """The required score from ``Spam: True ; 1000.0 / 5.0``."""
-        return float(self.headers["Spam"].split("/")[1])
+        return self.spam().threshold
 
     @property
     def symbols(self) -> list[str]:
@@ -149,7 +154,7 @@ def send_request(
     """Send one spamd protocol request (SPAMC/1.5) and return the parsed response.
 
     The request carries a Content-length header when message is given. Raises OSError on
-    connection failures and ValueError on a response without a status line.
+    connection failures and ValueError on a malformed response.
     """
     lines = [f"{method} SPAMC/1.5"]
     if message is not None:
@@ -168,19 +173,19 @@ def send_request(
 
 
 def parse_reply(data: bytes) -> SpamdReply:
-    """Split raw spamd response bytes into status line, headers and body."""
-    head, separator, body = data.partition(b"\r\n\r\n")
-    if not head:
-        raise ValueError("spamd response is empty")
-    head_lines = head.decode("ascii", "replace").split("\r\n")
-    if not separator:
-        # A PONG or an error has only the status line.
-        return SpamdReply(status_line=head_lines[0])
-    reply = SpamdReply(status_line=head_lines[0], body=body)
-    for line in head_lines[1:]:
-        name, _, value = line.partition(":")
-        reply.headers[name.strip()] = value.strip()
-    return reply
+    """Split raw spamd response bytes into status line, headers and body.
+
+    Raises SpamdProtocolError, a ValueError, when the status line or a header is malformed.
+    """
+    head = protocol.parse_response_head(data)
+    status_line = data.partition(protocol.CRLF)[0].decode("ascii", "replace")
+    headers = {
+        header.name.decode("ascii"): header.value.decode("ascii", "replace").strip()
+        for header in head.headers
+    }
+    # A PONG or an error has only the status line and no body.
+    body = data.partition(protocol.HEAD_END)[2]
+    return SpamdReply(status_line=status_line, headers=headers, body=body)
 
 
 def ping(host: str, port: int, timeout: float = 2.0) -> bool:
