@@ -9,6 +9,7 @@ unchanged and writes new lines with the line ending of the message's first line.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # Field name as SpamAssassin 4.0 accepts it: printable ASCII without the colon, with
@@ -87,6 +88,15 @@ def find_header(message: bytes, name: str) -> str | None:
     Line breaks of a folded value are removed, and surrounding blanks are stripped.
     Bytes that are not UTF-8 become U+FFFD.
     """
+    return next(_header_values(message, name), None)
+
+
+def find_headers(message: bytes, name: str) -> list[str]:
+    """Return the unfolded values of every header field called name, topmost first."""
+    return list(_header_values(message, name))
+
+
+def _header_values(message: bytes, name: str) -> Iterator[str]:
     layout = _layout(message)
     wanted = name.lower().encode("ascii")
     for field in _fields(message, layout):
@@ -95,8 +105,7 @@ def find_header(message: bytes, name: str) -> str | None:
             continue
         raw = b"".join(field)[match.end() :]
         unfolded = raw.replace(b"\r\n", b"").replace(b"\n", b"")
-        return unfolded.strip(b" \t").decode("utf-8", errors="replace")
-    return None
+        yield unfolded.strip(b" \t").decode("utf-8", errors="replace")
 
 
 def prepend_header(message: bytes, name: str, value: str) -> bytes:

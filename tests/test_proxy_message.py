@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from spamflow.proxy.message import body_offset, find_header, prepend_header, remove_header
+from spamflow.proxy.message import (
+    body_offset,
+    find_header,
+    find_headers,
+    prepend_header,
+    remove_header,
+)
 
 LF_MESSAGE = (
     b"Received: from a by b\n"
@@ -91,6 +97,15 @@ def test_remove_lone_cr_not_a_line_break():
 def test_find_topmost():
     message = b"X-Spamflow-Flow: 1.1.1.1:1\nX-Spamflow-Flow: 2.2.2.2:2\n\nX-Spamflow-Flow: 3\n"
     assert find_header(message, "X-Spamflow-Flow") == "1.1.1.1:1"
+
+
+def test_find_all_in_order():
+    message = (
+        b"X-Spamflow: a\nSubject: s\nx-spamflow: b;\n\tc\nX-Spamflow-Flow: d\n"
+        b"\nX-Spamflow: e\n"
+    )
+    assert find_headers(message, "X-Spamflow") == ["a", "b;\tc"]
+    assert find_headers(message, "Received") == []
 
 
 def test_find_unfolds_crlf():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from typing import Any
+
+from spamflow.proxy.message import body_offset, find_header, find_headers
 
 _TESTS = re.compile(r"tests=([^\s]*)")
 _SCORE = re.compile(r"score=(-?[0-9.]+)")
@@ -55,12 +55,9 @@ class MessageResult:
 
 
 def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """Split a message at its first empty line into header block and body."""
-    for separator in (b"\n\n", b"\r\n\r\n"):
-        index = data.find(separator)
-        if index >= 0:
-            return data[: index + len(separator)], data[index + len(separator):]
-    return data, b""
+    """Split a message after its first empty line into header block and body."""
+    offset = body_offset(data)
+    return data[:offset], data[offset:]
 
 
 def smtp_canonical(raw: bytes) -> bytes:
@@ -71,12 +68,11 @@ def smtp_canonical(raw: bytes) -> bytes:
 
 def parse_delivered(data: bytes) -> DeliveredHeaders:
     """Read X-Spam-Status and X-Spamflow from a delivered message's header block."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(split_message(data)[0])
-    status = headers.get("X-Spam-Status")
+    status = find_header(data, "X-Spam-Status")
     status_text = None
     if status is not None:
         # spamd folds long test lists after a comma, so drop the whitespace of the fold.
-        status_text = re.sub(r",\s+", ",", " ".join(str(status).split()))
+        status_text = re.sub(r",\s+", ",", " ".join(status.split()))
     tests: list[str] = []
     score = None
     is_spam = None
@@ -88,8 +84,8 @@ def parse_delivered(data: bytes) -> DeliveredHeaders:
         match = _SCORE.search(status_text)
         score = float(match.group(1)) if match else None
 
-    verdicts = headers.get_all("X-Spamflow") or []
-    verdict = " ".join(str(verdicts[0]).split()) if verdicts else None
+    verdicts = find_headers(data, "X-Spamflow")
+    verdict = " ".join(verdicts[0].split()) if verdicts else None
     p = model = None
     if verdict is not None:
         match = _P.search(verdict)
