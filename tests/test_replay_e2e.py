@@ -13,10 +13,11 @@ import sys
 
 import pytest
 
+from spamflow.config import LearnConfig
 from spamflow.replay.demo import ReplayRequest, prepare_messages
 from spamflow.replay.netns import PathProfile
 from spamflow.replay.results import parse_delivered, smtp_canonical, split_message
-from spamflow.replay.testbed import LearnSettings, ReplayMessage, Testbed, TestbedOptions
+from spamflow.replay.testbed import ReplayMessage, Testbed, TestbedOptions
 
 pytestmark = [
     pytest.mark.root,
@@ -36,7 +37,7 @@ def testbed(tmp_path_factory):
         prefix=f"sft-rp-{os.getpid()}",
         # Thresholds that the sample's old messages reach without Bayes or network tests,
         # and a model after 3 examples of each class, so one trains within the first run.
-        learn=LearnSettings(spam_threshold=6.0, ham_threshold=1.5, retrain_every=4,
+        learn=LearnConfig(spam_threshold=6.0, ham_threshold=1.5, retrain_every=4,
                             min_examples_per_class=3),
         spam_profile=PathProfile(ttl=128, tcp_timestamps=False, delay_ms=40.0, jitter_ms=10.0),
         ham_profile=PathProfile(ttl=64, delay_ms=5.0, jitter_ms=1.0),

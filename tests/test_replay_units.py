@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 import subprocess
 import tarfile
 import tomllib
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spamflow.config import load_config
+from spamflow.config import LearnConfig, load_config
 from spamflow.replay.corpus import (CorpusError, IndexEntry, iter_messages, load_messages,
                                     read_index, select_entries, strip_mbox_from_line)
 from spamflow.replay.delay import DelayLine
@@ -23,8 +22,8 @@ from spamflow.replay.postfix import deliver_script, main_cf, master_cf
 from spamflow.replay.results import (build_results, format_table, parse_delivered,
                                      smtp_canonical, split_message, summarize)
 from spamflow.replay.sender import to_crlf
-from spamflow.replay.testbed import (LearnSettings, ReplayMessage, TestbedOptions,
-                                     config_toml, interleave)
+from spamflow.replay.spamd import pick_free_port
+from spamflow.replay.testbed import ReplayMessage, TestbedOptions, config_toml, interleave
 
 
 # -- corpus ------------------------------------------------------------------------------
@@ -158,19 +157,13 @@ def test_deliver_script_syntax(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.skipif(not os.path.exists("/usr/bin/spamc"), reason="spamc is not installed")
 def test_deliver_script_falls_back_unscanned(tmp_path):
     maildir = tmp_path / "Maildir"
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(parents=True)
     script = tmp_path / "deliver.sh"
-    script.write_text(deliver_script(maildir, spamc_port=_closed_port(), spamc_timeout=5))
+    script.write_text(deliver_script(maildir, spamc_port=pick_free_port(), spamc_timeout=5))
     message = b"Subject: test\n\nline one\n"
 
     result = subprocess.run(["sh", str(script), "m00007"], input=message,
@@ -189,7 +182,7 @@ def test_deliver_script_rejects_bad_local_part(tmp_path):
 
 
 def test_config_toml_round_trip(tmp_path):
-    options = TestbedOptions(run_dir=tmp_path, tap_queue=9, learn=LearnSettings(
+    options = TestbedOptions(run_dir=tmp_path, tap_queue=9, learn=LearnConfig(
         spam_threshold=7, ham_threshold=1.5, retrain_every=4, min_examples_per_class=3))
     path = tmp_path / "spamflow.toml"
     path.write_text(config_toml(options, "127.0.0.1:4000", Path("/var/tmp/t.sock"),
@@ -204,6 +197,8 @@ def test_config_toml_round_trip(tmp_path):
     assert config.learn.ham_threshold == 1.5
     assert config.learn.retrain_every == 4
     assert config.learn.min_examples_per_class == 3
+    assert config.learn == LearnConfig(spam_threshold=7.0, ham_threshold=1.5, retrain_every=4,
+                                       min_examples_per_class=3)
     assert tomllib.loads(path.read_text())["proxy"]["trusted_mta"] == ["127.0.0.1"]
 
 

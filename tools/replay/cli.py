@@ -6,14 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from spamflow.config import ConfigError
-from spamflow.replay.testbed import LearnSettings
+from spamflow.config import ConfigError, LearnConfig
 
 # SpamAssassin without Bayes and network tests scores most of the 2002-2003 ham of the
 # SpamAssassin public corpus between 0.4 and 2.4 (date rules fire on such old mail), so
 # a ham threshold of 0.0 would never yield a ham example. In the bundled sample 104 of 200
 # ham messages and no spam score <= 1.5, and 149 of 200 spam and 2 ham score >= 6.0.
-DEMO_LEARN = LearnSettings(spam_threshold=6.0, ham_threshold=1.5)
+DEMO_LEARN = LearnConfig(spam_threshold=6.0, ham_threshold=1.5)
 
 
 def _count(text: str) -> int:
@@ -88,7 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
     request = ReplayRequest(spam=args.spam, ham=args.ham, corpus=args.corpus,
                             run_dir=args.run_dir, prefix=args.prefix, seed=args.seed,
                             progress=not args.no_progress, keep=args.keep,
-                            learn=LearnSettings(
+                            learn=LearnConfig(
                                 spam_threshold=args.spam_threshold,
                                 ham_threshold=args.ham_threshold,
                                 model_kind=args.model_kind,

@@ -20,13 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from spamflow.config import LearnConfig
 from spamflow.replay.corpus import load_messages
 from spamflow.replay.netns import DEFAULT_PREFIX
 from spamflow.replay.plots import write_plots
 from spamflow.replay.results import (build_results, format_table, result_to_dict,
                                      summarize)
-from spamflow.replay.testbed import (LearnSettings, ReplayMessage, Testbed, TestbedOptions,
-                                     interleave)
+from spamflow.replay.testbed import ReplayMessage, Testbed, TestbedOptions, interleave
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ReplayRequest:
     seed: int = 1
     progress: bool = True
     keep: bool = False
-    learn: LearnSettings = field(default_factory=LearnSettings)
+    learn: LearnConfig = field(default_factory=LearnConfig)
 
 
 def default_run_dir() -> Path:

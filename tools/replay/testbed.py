@@ -8,6 +8,7 @@ arrives from the spam and ham sender namespaces, each with its own PathProfile.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from spamflow.config import LearnConfig, parse_host_port
 from spamflow.replay.daemons import Daemon, DaemonError
 from spamflow.replay.netns import (DEFAULT_PREFIX, HAM_PROFILE, SPAM_PROFILE, PathProfile,
                                    Topology, netns_exec, run, wait_for_port)
@@ -38,17 +40,6 @@ WORK_PARENT = "/var/tmp"
 
 
 @dataclass
-class LearnSettings:
-    """The [learn] table written into the run's configuration file."""
-
-    spam_threshold: float = 6.0
-    ham_threshold: float = 0.0
-    model_kind: str = "nb"
-    retrain_every: int = 25
-    min_examples_per_class: int = 10
-
-
-@dataclass
 class TestbedOptions:
     """Settings of one testbed; run_dir receives the config, logs, store and results."""
 
@@ -57,7 +48,7 @@ class TestbedOptions:
 
     run_dir: Path
     prefix: str = DEFAULT_PREFIX
-    learn: LearnSettings = field(default_factory=LearnSettings)
+    learn: LearnConfig = field(default_factory=LearnConfig)
     spam_profile: PathProfile = SPAM_PROFILE
     ham_profile: PathProfile = HAM_PROFILE
     tap_queue: int = 3
@@ -82,7 +73,6 @@ class ReplayMessage:
 def config_toml(options: TestbedOptions, spamd_address: str, tap_socket: Path,
                 key_file: Path) -> str:
     """Return the TOML configuration that the tap, policy service and proxy read."""
-    learn = options.learn
     run_dir = options.run_dir.resolve()
     return (
         "# Written by spamflow.replay for one testbed run.\n"
@@ -102,11 +92,10 @@ def config_toml(options: TestbedOptions, spamd_address: str, tap_socket: Path,
         f'socket = "{tap_socket}"\n'
         "server_port = 25\n"
         "\n[learn]\n"
-        f"spam_threshold = {float(learn.spam_threshold)}\n"
-        f"ham_threshold = {float(learn.ham_threshold)}\n"
-        f'model_kind = "{learn.model_kind}"\n'
-        f"retrain_every = {int(learn.retrain_every)}\n"
-        f"min_examples_per_class = {int(learn.min_examples_per_class)}\n"
+        + "".join(
+            f"{item.name} = {json.dumps(getattr(options.learn, item.name))}\n"
+            for item in dataclasses.fields(options.learn)
+        )
     )
 
 
@@ -211,7 +200,7 @@ class Testbed:
         self._wait_port(proxy, PROXY_LISTEN)
 
         self.postfix = PostfixInstance(self.work / "postfix", netns=server_ns,
-                                       spamc_port=int(PROXY_LISTEN.rsplit(":", 1)[1]),
+                                       spamc_port=parse_host_port(PROXY_LISTEN)[1],
                                        pipe_concurrency=options.spamd_children)
         (self.work / "postfix").mkdir(mode=0o755)
         self._stack.enter_context(self.postfix)
@@ -227,8 +216,8 @@ class Testbed:
 
     def _wait_port(self, daemon: Daemon, address: str) -> None:
         assert self.topology is not None
-        host, port = address.rsplit(":", 1)
-        if not wait_for_port(self.topology.server_ns, host, int(port), DAEMON_START_TIMEOUT):
+        host, port = parse_host_port(address)
+        if not wait_for_port(self.topology.server_ns, host, port, DAEMON_START_TIMEOUT):
             daemon.check_running()
             raise DaemonError(f"{daemon.name} did not listen on {address} within "
                                f"{DAEMON_START_TIMEOUT:.0f} s\n{daemon.log_tail()}")
