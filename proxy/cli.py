@@ -6,15 +6,13 @@ import argparse
 import logging
 from typing import Any
 
-from spamflow.config import ConfigError, apply_overrides, load_config
+from spamflow.config import ConfigError, apply_overrides, load_config, parse_host_port
 
 logger = logging.getLogger(__name__)
 
 
 def _host_port(text: str) -> str:
     """Validate HOST:PORT for argparse, which prints the error and exits with 2."""
-    from spamflow.proxy.server import parse_host_port
-
     try:
         parse_host_port(text)
     except ConfigError as error:
@@ -113,7 +111,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     import asyncio
     import sqlite3
 
-    from spamflow.proxy.server import parse_host_port, parse_trusted, serve_proxy
+    from spamflow.proxy.server import parse_trusted, serve_proxy
 
     config = load_config(args.config)
     apply_overrides(
@@ -163,7 +161,6 @@ def run_policy(args: argparse.Namespace) -> int:
     import asyncio
 
     from spamflow.proxy.policy import serve_policy
-    from spamflow.proxy.server import parse_host_port
 
     config = load_config(args.config)
     apply_overrides(

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from spamflow.config import ConfigError, ProxyConfig
+from spamflow.config import ConfigError, ProxyConfig, parse_host_port
+from spamflow.nfqueue_tap.protocol import format_flow
 from spamflow.proxy import message as message_headers
 from spamflow.proxy import spamd_protocol as protocol
 from spamflow.proxy.flowid import FLOW_HEADER, FlowIdError, verify_flow_header_value
@@ -117,15 +118,6 @@ class ScoringJob:
     verdict_removed: bool = True
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` or ``[IPV6]:PORT``. Raises ConfigError."""
-    host, separator, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ConfigError(f"invalid address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:783")
-    return host, int(port_text)
-
-
 def parse_trusted(addresses: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """Parse trusted MTA addresses or networks. Raises ConfigError."""
     networks = []
@@ -139,8 +131,7 @@ def parse_trusted(addresses: list[str]) -> list[ipaddress.IPv4Network | ipaddres
 
 def _peer_text(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
-        return f"{host}:{peer[1]}"
+        return format_flow(str(peer[0]), peer[1])
     return str(peer)
 
 

@@ -96,6 +96,15 @@ def _fill_section(section: Any, table: dict[str, Any], name: str) -> None:
         setattr(section, key, value)
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[IPV6]:PORT``, port 0 included. Raises ConfigError."""
+    host, separator, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ConfigError(f"invalid address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:783")
+    return host, int(port_text)
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read a TOML configuration file, or return the defaults when path is None.
 
