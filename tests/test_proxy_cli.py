@@ -12,18 +12,13 @@ import time
 import pytest
 
 from spamflow.proxy.flowid import verify_flow_header_value
+from spamflow.replay.spamd import pick_free_port
 
 KEY = b"cli-test-key"
 REQUEST = (
     b"request=smtpd_access_policy\nprotocol_state=DATA\nclient_address=192.0.2.9\n"
     b"client_port=5025\nqueue_id=ABC123\n\n"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start(*arguments: str) -> subprocess.Popen:
@@ -66,7 +61,7 @@ def _receive_all(connection: socket.socket) -> bytes:
 
 
 def test_policy_command_serves_and_stops(tmp_path):
-    port = _free_port()
+    port = pick_free_port()
     process = _start(
         "policy", "--listen", f"127.0.0.1:{port}", "--flow-key-file", _key_file(tmp_path)
     )
@@ -111,9 +106,9 @@ def test_proxy_command_bad_address(address):
 
 
 def test_proxy_command_config_and_override(tmp_path):
-    config_port = _free_port()
-    port = _free_port()
-    closed_port = _free_port()
+    config_port = pick_free_port()
+    port = pick_free_port()
+    closed_port = pick_free_port()
     config = tmp_path / "spamflow.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{config_port}"\nspamd = "127.0.0.1:{closed_port}"\n'

@@ -27,7 +27,7 @@ from spamflow.nfqueue_tap.schema import FEATURE_NAMES, features_to_vector
 from spamflow.proxy.flowid import make_flow_header_value
 from spamflow.proxy.message import body_offset, find_header, prepend_header, remove_header
 from spamflow.proxy.server import ProxyServer
-from spamflow.replay.spamd import SpamdInstance
+from spamflow.replay.spamd import SpamdInstance, pick_free_port
 
 pytestmark = pytest.mark.spamd
 
@@ -303,10 +303,7 @@ def test_verdict_base_score_matches_spamd(spamd, verdict_setup):
 
 
 def test_spamd_unreachable_spamc_fallback():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    config = ProxyConfig(listen="[::1]:0", spamd=f"127.0.0.1:{closed_port}")
+    config = ProxyConfig(listen="[::1]:0", spamd=f"127.0.0.1:{pick_free_port()}")
     proxy = ProxyThread(config)
     data = _read(HAM)
     try:
