@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 class RateLimitedLog:
@@ -12,9 +13,15 @@ class RateLimitedLog:
     The next line written after a quiet period reports how many were suppressed.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
         self.interval = interval
+        self.clock = clock
         self.suppressed = 0
         self._last = float("-inf")
 
@@ -23,7 +30,7 @@ class RateLimitedLog:
 
         Returns True when the line was written.
         """
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last < self.interval:
             self.suppressed += 1
             return False

@@ -304,7 +304,7 @@ async def test_only_topmost_flow_header(proxy, spamd, tap):
 
 
 async def test_tap_timeout_no_verdict(spamd, tap, learner):
-    tap.delay = 3.0
+    tap.delay = 10.0
     server = await _start_proxy(spamd, tap, learner, tap_timeout=0.2)
     try:
         started = time.monotonic()
@@ -313,7 +313,8 @@ async def test_tap_timeout_no_verdict(spamd, tap, learner):
         await _drain(server)
     finally:
         await server.shutdown(timeout=5)
-    assert elapsed < 1.0
+    # Far below the tap's delay, with room for a slow, shared machine.
+    assert elapsed < tap.delay / 2
     assert not _forwarded_message(spamd.requests[0]).startswith(b"X-Spamflow:")
     (observation,) = learner.observations
     assert observation["flow"] == "10.77.1.2:40211"
