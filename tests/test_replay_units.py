@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import subprocess
+import sys
 import tarfile
 import tomllib
 from collections import Counter
@@ -18,6 +20,7 @@ from spamflow.config import LearnConfig, load_config
 from spamflow.replay.corpus import (CorpusError, IndexEntry, iter_messages, load_messages,
                                     read_index, select_entries, strip_mbox_from_line)
 from spamflow.replay.delay import DelayLine
+from spamflow.replay.netns import stop_process
 from spamflow.replay.postfix import deliver_script, main_cf, master_cf
 from spamflow.replay.results import (build_results, format_table, parse_delivered,
                                      smtp_canonical, split_message, summarize)
@@ -307,3 +310,22 @@ def test_build_results_and_summary():
     assert "SA-only accuracy" in table
     assert "0.0% of 2" in table
     assert "50.0% of 2" in table
+
+
+def test_stop_process_terminates():
+    process = subprocess.Popen(["sleep", "30"])
+    stop_process(process, "sleep")
+    assert process.returncode == -signal.SIGTERM
+
+
+def test_stop_process_kills_after_timeout():
+    code = ("import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready"
+    stop_process(process, "SIGTERM ignorer", timeout=0.5)
+    process.stdout.close()
+    assert process.returncode == -signal.SIGKILL

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from spamflow.replay.netns import netns_exec
+from spamflow.replay.netns import netns_exec, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,7 @@ class Daemon:
     def stop(self) -> None:
         if self.running():
             assert self.process is not None
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s, killing it", self.name, STOP_TIMEOUT)
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, self.name, STOP_TIMEOUT)
             log.info("%s stopped (exit status %s)", self.name, self.process.returncode)
         if self._log is not None:
             self._log.close()

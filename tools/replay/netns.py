@@ -106,6 +106,20 @@ def kill_namespace_processes(namespace: str, grace_s: float = 3.0) -> None:
         _signal(pid, signal.SIGKILL)
 
 
+def stop_process(process: subprocess.Popen, name: str, timeout: float = 10.0) -> None:
+    """Send SIGTERM, wait up to timeout seconds, then SIGKILL, and reap the process."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) did not stop within %.0f s, killing it",
+                    name, process.pid, timeout)
+        process.kill()
+        process.wait()
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -240,6 +254,7 @@ class Topology:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
         if not _wait_for_line(process, "ready", DELAY_START_TIMEOUT):
             process.kill()
+            process.wait()
             raise TopologyError(
                 f"delay stage in {path.namespace} did not bind queue {DELAY_QUEUE} "
                 f"within {DELAY_START_TIMEOUT:.0f} s (exit status {process.poll()})"
@@ -248,13 +263,8 @@ class Topology:
 
     def teardown(self) -> None:
         for path in self.paths.values():
-            process = path.delay_process
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            if path.delay_process is not None:
+                stop_process(path.delay_process, f"delay stage in {path.namespace}", timeout=5)
             path.delay_process = None
         remove_namespaces(self.prefix)
         for handle in self._logs:
