@@ -55,6 +55,8 @@ SCORING_QUEUE_SIZE = 256
 # Maximum bytes of queued messages. Only jobs with a verdict keep their message, for
 # the second CHECK, so this bounds memory when spamd falls behind.
 SCORING_QUEUE_MAX_BYTES = 64 * 1024 * 1024
+# Seconds a closing client connection may take to accept the buffered response.
+CLIENT_CLOSE_TIMEOUT = 10.0
 # Seconds that shutdown waits for in-flight requests, then for queued scoring.
 SHUTDOWN_TIMEOUT = 30.0
 PIPE_CHUNK_BYTES = 64 * 1024
@@ -245,16 +247,32 @@ class ProxyServer:
             logger.info("peer=%s connection ended: %r", _peer_text(peer), error)
         except TimeoutError:
             logger.warning(
-                "peer=%s spamd did not respond within %s s, closing the client connection",
+                "peer=%s exchange with spamd not finished within %s s (spamd or the client "
+                "stalled), closing the client connection",
                 _peer_text(peer), self.config.spamd_timeout,
             )
         except Exception:
             logger.exception("peer=%s request failed", _peer_text(peer))
         finally:
             self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
+            await self._close_client(writer, peer)
+
+    @staticmethod
+    async def _close_client(writer: asyncio.StreamWriter, peer: Any) -> None:
+        """Close the client connection, and abort it when it does not take the rest."""
+        # close() first sends what is buffered, which waits for a client that reads.
+        writer.close()
+        try:
+            async with asyncio.timeout(CLIENT_CLOSE_TIMEOUT):
                 await writer.wait_closed()
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            logger.warning(
+                "peer=%s client did not take the rest of the response within %s s, aborting",
+                _peer_text(peer), CLIENT_CLOSE_TIMEOUT,
+            )
+            writer.transport.abort()
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any

@@ -602,3 +602,34 @@ async def test_stalled_spamd_send_times_out(tap, learner):
     assert connected.is_set()
     assert response == b""
     assert learner.observations == []
+
+
+def _connection_handlers() -> list[asyncio.Task]:
+    return [
+        task for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") == "ProxyServer._handle_connection"
+    ]
+
+
+async def test_stalled_client_connection_aborted(spamd, tap, learner, monkeypatch):
+    monkeypatch.setattr("spamflow.proxy.server.CLIENT_CLOSE_TIMEOUT", 0.5)
+    # A response larger than the socket buffers between proxy and client.
+    message = _message(None) + b"x" * (32 * 1024 * 1024)
+    server = await _start_proxy(
+        spamd, tap, learner, spamd_timeout=0.5, max_message_size=64 * 1024 * 1024
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.listen_port)
+        writer.write(_request("PROCESS", message))
+        await writer.drain()
+        writer.write_eof()
+
+        # The client reads nothing, so the proxy's relay stalls and times out.
+        deadline = time.monotonic() + 20.0
+        while _connection_handlers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        handlers = _connection_handlers()
+        writer.close()
+    finally:
+        await server.shutdown(timeout=5)
+    assert handlers == []
