@@ -329,3 +329,12 @@ def test_stop_process_kills_after_timeout():
     stop_process(process, "SIGTERM ignorer", timeout=0.5)
     process.stdout.close()
     assert process.returncode == -signal.SIGKILL
+
+
+def test_demo_rejects_unknown_model_kind(capsys):
+    from spamflow.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["demo", "--model-kind", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err

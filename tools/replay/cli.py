@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from spamflow.config import ConfigError, LearnConfig
+from spamflow.models.cli import KIND_CHOICES
 
 # SpamAssassin without Bayes and network tests scores most of the 2002-2003 ham of the
 # SpamAssassin public corpus between 0.4 and 2.4 (date rules fire on such old mail), so
@@ -49,7 +50,7 @@ def _add_common(parser: argparse.ArgumentParser, spam: int, ham: int) -> None:
                        default=DEMO_LEARN.min_examples_per_class,
                        help="examples of each class needed before the first model "
                        f"(default: {DEMO_LEARN.min_examples_per_class})")
-    learn.add_argument("--model-kind", default=DEMO_LEARN.model_kind,
+    learn.add_argument("--model-kind", default=DEMO_LEARN.model_kind, choices=KIND_CHOICES,
                        help=f"model kind to train (default: {DEMO_LEARN.model_kind})")
 
 
