@@ -93,7 +93,8 @@ def test_replay_learns_and_marks_later_mail(testbed, messages):
         assert len(rules) == 1, f"{message_id}: {headers.spam_status}"
         assert headers.spamflow_count == 1, f"{message_id} has several X-Spamflow headers"
         assert headers.spamflow.endswith(f"flow={sent[message_id]['flow']}"), headers.spamflow
-        assert headers.model is not None and headers.model.split("-")[-1].isdigit()
+        assert headers.model is not None, f"{message_id} verdict has no model"
+        assert headers.model.split("-")[-1].isdigit(), headers.model
 
     # The forged header is removed; any verdict left is the proxy's own.
     assert b"model=x;" not in delivered["f00001"]

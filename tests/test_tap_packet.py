@@ -220,7 +220,13 @@ def test_random_bytes_never_raise():
             mutated[rng.randrange(len(mutated))] = rng.randrange(256)
         cut = rng.randint(0, len(mutated))
         segment = parse_packet(bytes(mutated[:cut]))
-        assert segment is None or segment.dport >= 0
+        if segment is None:
+            continue
+        assert 0 <= segment.sport < 65536
+        assert 0 <= segment.dport < 65536
+        assert 0 <= segment.flags < 256
+        assert 0 <= segment.ttl < 256
+        assert segment.payload_len >= 0
 
 
 def test_truncated_options_without_syn_are_none():
