@@ -27,6 +27,7 @@ from spamflow.nfqueue_tap.schema import FEATURE_NAMES, features_to_vector
 from spamflow.proxy.flowid import make_flow_header_value
 from spamflow.proxy.message import body_offset, find_header, prepend_header, remove_header
 from spamflow.proxy.server import ProxyServer
+from spamflow.replay.results import parse_delivered
 from spamflow.replay.spamd import SpamdInstance, pick_free_port
 
 pytestmark = pytest.mark.spamd
@@ -108,18 +109,12 @@ def _spamc(port: int, options: list[str], data: bytes) -> subprocess.CompletedPr
     )
 
 
-def _unfold(header_block: str) -> str:
-    return re.sub(r"\r?\n[ \t]+", " ", header_block)
-
-
-def _status(output: bytes) -> tuple[str, str, frozenset[str]]:
-    """Return (flag, score, tests) from the X-Spam-Status header of a PROCESS output."""
-    text = _unfold(output[: body_offset(output)].decode("utf-8", "replace"))
-    pattern = r"^X-Spam-Status: (\w+), score=(-?[\d.]+) .*?tests=(.*?) (?:autolearn|version)="
-    match = re.search(pattern, text, re.M)
-    assert match, text
-    tests = re.sub(r"\s+", "", match.group(3))
-    return match.group(1), match.group(2), frozenset(tests.split(","))
+def _status(output: bytes) -> tuple[bool, float, frozenset[str]]:
+    """Return (is spam, score, tests) from the X-Spam-Status header of a PROCESS output."""
+    headers = parse_delivered(output)
+    assert headers.is_spam is not None, output[: body_offset(output)]
+    assert headers.score is not None, headers.spam_status
+    return headers.is_spam, headers.score, frozenset(headers.tests)
 
 
 def _report(output: bytes) -> tuple[str, frozenset[str]]:
