@@ -676,6 +676,9 @@ class ProxyServer:
 
     async def _score_without_verdict(self, job: ScoringJob) -> float | None:
         """Send spamd a CHECK of the message without the verdict header and return its score."""
+        # NOTE: spamd's history plugins (AWL, TxRep, Bayes auto-learning) see the message
+        # twice when they are enabled, and their update from the first scan can shift
+        # this score away from the client's scan minus the SPAMFLOW rules.
         request = protocol.format_request("CHECK", job.message_without_verdict, job.user)
         connection = await self._open_spamd(job.peer)
         if connection is None:
