@@ -73,11 +73,13 @@ def test_delay_stage_sets_connect_time():
         slow = _connect_times_ms(topology, "spam", 15)
         fast = _connect_times_ms(topology, "ham", 15)
 
-    # Only the sender's outgoing packets are held, so a connect takes one delay.
+    # Only the sender's outgoing packets are held, so a connect takes one delay. The stage
+    # never releases a packet early, but a busy machine can release one late, so the upper
+    # bounds apply to the median.
     assert 80.0 <= min(slow)
     assert statistics.median(slow) < 80.0 + 15.0
     assert 5.0 <= min(fast)
-    assert max(fast) < 15.0 + 15.0
+    assert statistics.median(fast) < 15.0 + 15.0
 
 
 def test_profile_sysctls_applied():
