@@ -569,7 +569,9 @@ class ProxyServer:
                 _peer_text(peer), identity.flow, model.name, p,
             )
             return verdict
-        verdict.p = p
+        # Adding 0.0 turns -0.0 into 0.0, which "%.2f" would write as -0.00, a value that
+        # no SPAMFLOW rule matches.
+        verdict.p = p + 0.0
         verdict.model = model.name
         verdict.header_value = f"p={verdict.p:.2f}; model={model.name}; flow={identity.flow}"
         return verdict

@@ -522,7 +522,8 @@ async def test_invalid_probability_no_verdict(spamd, tap, p):
 
 
 async def test_probability_edges_formatted(spamd, tap):
-    cases = [(0.0, b"p=0.00;"), (1.0, b"p=1.00;"), (0.345, b"p=0.34;"), (0.999, b"p=1.00;")]
+    cases = [(0.0, b"p=0.00;"), (-0.0, b"p=0.00;"), (1.0, b"p=1.00;"), (0.345, b"p=0.34;"),
+             (0.999, b"p=1.00;")]
     for p, text in cases:
         learner = FakeLearner(FakeModel(p=p))
         spamd.requests.clear()
