@@ -118,6 +118,12 @@ def test_read_index_rejects_unknown_label(tmp_path):
         read_index(tmp_path / "index.tsv")
 
 
+def test_read_index_rejects_bad_size(tmp_path):
+    (tmp_path / "index.tsv").write_text("name\tgroup\tlabel\tmd5\tbytes\na\tg\tham\t\t3k\n")
+    with pytest.raises(CorpusError, match="invalid line 2"):
+        read_index(tmp_path / "index.tsv")
+
+
 # -- generated configuration ---------------------------------------------------------------
 
 def test_main_cf_settings(tmp_path):

@@ -68,14 +68,14 @@ def read_index(path: Path) -> list[IndexEntry]:
     entries = []
     for number, row in enumerate(rows, start=2):
         name = row.get("name") or row.get("path_in_tarball")
-        if not name or row.get("label") not in LABELS or not row.get("bytes"):
+        size = row.get("bytes") or ""
+        if not name or row.get("label") not in LABELS or not size.isdigit():
             raise CorpusError(
                 f"invalid line {number} in {path}: expected name (or path_in_tarball), "
-                f"group, label ({'/'.join(LABELS)}), md5 and bytes"
+                f"group, label ({'/'.join(LABELS)}), md5 and bytes (a whole number)"
             )
         entries.append(
-            IndexEntry(name, row.get("group", ""), row["label"], row.get("md5", ""),
-                       int(row["bytes"]))
+            IndexEntry(name, row.get("group", ""), row["label"], row.get("md5", ""), int(size))
         )
     return entries
 
