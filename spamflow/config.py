@@ -7,12 +7,19 @@ Command-line options override the file, and the file overrides the defaults belo
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_PATH = Path("/etc/spamflow/spamflow.toml")
+
+# Model kinds that [learn] model_kind accepts. spamflow.models.classifier.MODEL_KINDS lists
+# the same kinds, and this copy lets the configuration load without scikit-learn.
+MODEL_KINDS: tuple[str, ...] = ("nb", "tree", "svm", "xgb")
 
 
 class ConfigError(ValueError):
@@ -79,23 +86,6 @@ class Config:
     learn: LearnConfig = field(default_factory=LearnConfig)
 
 
-def _fill_section(section: Any, table: dict[str, Any], name: str) -> None:
-    known = {f.name: f for f in dataclasses.fields(section)}
-    for key, value in table.items():
-        if key not in known:
-            allowed = ", ".join(sorted(known))
-            raise ConfigError(f"unknown key {key!r} in [{name}]; allowed keys: {allowed}")
-        default = getattr(section, key)
-        if isinstance(default, float) and isinstance(value, int):
-            value = float(value)
-        if default is not None and not isinstance(value, type(default)):
-            raise ConfigError(
-                f"invalid value for {name}.{key}: {value!r} "
-                f"(expected {type(default).__name__})"
-            )
-        setattr(section, key, value)
-
-
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` or ``[IPV6]:PORT``, port 0 included. Raises ConfigError."""
     host, separator, port_text = text.rpartition(":")
@@ -106,9 +96,9 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read a TOML configuration file, or return the defaults when path is None.
+    """Read and validate a TOML configuration file, or return the defaults when path is None.
 
-    Raises ConfigError naming the file and the bad key or value.
+    Raises ConfigError naming the file, the table.key and the bad value.
     """
     config = Config()
     if path is None:
@@ -126,12 +116,179 @@ def load_config(path: str | Path | None) -> Config:
         if section is None or not isinstance(table, dict):
             allowed = ", ".join(f.name for f in dataclasses.fields(config))
             raise ConfigError(f"unknown table [{name}] in {path}; allowed tables: {allowed}")
-        _fill_section(section, table, name)
+        _fill_section(section, table, name, path)
+        validate_section(section, f"in {path}")
     return config
 
 
 def apply_overrides(section: Any, options: dict[str, Any]) -> None:
-    """Set each option that is not None on the section (command-line values win)."""
+    """Set each option that is not None on the section (command-line values win).
+
+    Each key is a field name, and the option that set it is spelled ``--key-with-dashes``
+    in error messages. Raises ConfigError for a value of the wrong type or out of range,
+    with the same checks that load_config applies to the file.
+    """
+    table = _table_name(section)
+    hints = typing.get_type_hints(type(section))
     for key, value in options.items():
-        if value is not None:
-            setattr(section, key, value)
+        if value is None:
+            continue
+        origin = "from option --" + key.replace("_", "-")
+        setattr(section, key, _checked_type(value, hints[key], f"{table}.{key}", origin))
+        _check_range(section, table, key, origin)
+    validate_section(section, "after the command-line options")
+
+
+def validate_section(section: Any, origin: str) -> None:
+    """Check the value range of every field of a configuration section.
+
+    origin completes the error message, e.g. "in /etc/spamflow/spamflow.toml".
+    Raises ConfigError for the first invalid value.
+    """
+    table = _table_name(section)
+    for key in _RANGE_CHECKS.get(type(section), {}):
+        _check_range(section, table, key, origin)
+    if isinstance(section, LearnConfig) and not section.ham_threshold < section.spam_threshold:
+        raise ConfigError(
+            f"invalid learn.ham_threshold {section.ham_threshold!r} {origin}: expected a "
+            f"score below learn.spam_threshold ({section.spam_threshold!r})"
+        )
+
+
+def _check_range(section: Any, table: str, key: str, origin: str) -> None:
+    check = _RANGE_CHECKS.get(type(section), {}).get(key)
+    if check is None:
+        return
+    value = getattr(section, key)
+    expected = check(value)
+    if expected is not None:
+        raise ConfigError(f"invalid {table}.{key} {value!r} {origin}: expected {expected}")
+
+
+def _table_name(section: Any) -> str:
+    for name, section_type in typing.get_type_hints(Config).items():
+        if isinstance(section, section_type):
+            return name
+    raise TypeError(f"{type(section).__name__} is not a configuration section")
+
+
+def _fill_section(section: Any, table: dict[str, Any], name: str, path: str | Path) -> None:
+    known = {f.name for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    for key, value in table.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(
+                f"unknown key {key!r} in [{name}] of {path}; allowed keys: {allowed}"
+            )
+        setattr(section, key, _checked_type(value, hints[key], f"{name}.{key}", f"in {path}"))
+
+
+def _checked_type(value: Any, annotation: Any, name: str, origin: str) -> Any:
+    """Return value, an int converted to float where a float is expected.
+
+    Raises ConfigError when value does not match the field's annotation.
+    """
+    if _matches(value, annotation):
+        if _accepts(annotation, float) and type(value) is int:
+            return float(value)
+        return value
+    raise ConfigError(
+        f"invalid {name} {value!r} {origin}: expected {_describe(annotation)}"
+    )
+
+
+def _accepts(annotation: Any, kind: type) -> bool:
+    if annotation is kind:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return kind in typing.get_args(annotation)
+    return False
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, member) for member in typing.get_args(annotation))
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(item, item_type) for item in value)
+    if annotation is type(None):
+        return value is None
+    # bool is a subclass of int, but true is no queue number or count.
+    if annotation is int:
+        return type(value) is int
+    if annotation is float:
+        return type(value) in (int, float)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(_describe(member) for member in members)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        return f"a list of {_describe(item_type).removeprefix('a ').removeprefix('an ')}s"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        annotation, annotation.__name__
+    )
+
+
+def _address(value: str) -> str | None:
+    try:
+        parse_host_port(value)
+    except ConfigError:
+        return "HOST:PORT or [IPV6]:PORT with a port of 0-65535, e.g. 127.0.0.1:783"
+    return None
+
+
+def _seconds(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "a number of seconds above 0"
+
+
+def _at_least(minimum: int) -> Any:
+    return lambda value: None if value >= minimum else f"a whole number of at least {minimum}"
+
+
+def _between(low: int, high: int) -> Any:
+    return lambda value: None if low <= value <= high else f"a whole number from {low} to {high}"
+
+
+def _finite(value: float) -> str | None:
+    return None if math.isfinite(value) else "a finite number"
+
+
+def _model_kind(value: str) -> str | None:
+    return None if value in MODEL_KINDS else f"one of {', '.join(MODEL_KINDS)}"
+
+
+# Per section, a check for each field with a limited range: it returns None for a valid
+# value, else a description of the valid values.
+_RANGE_CHECKS: dict[type, dict[str, Any]] = {
+    ProxyConfig: {
+        "listen": _address,
+        "spamd": _address,
+        "tap_timeout": _seconds,
+        "max_message_size": _at_least(1),
+        "client_timeout": _seconds,
+        "spamd_timeout": _seconds,
+    },
+    PolicyConfig: {"listen": _address},
+    TapConfig: {
+        "queue": _between(0, 65535),
+        "server_port": _between(1, 65535),
+        "max_flows": _at_least(1),
+        "linger": _seconds,
+    },
+    LearnConfig: {
+        "spam_threshold": _finite,
+        "ham_threshold": _finite,
+        "model_kind": _model_kind,
+        "retrain_every": _at_least(1),
+        "min_examples_per_class": _at_least(1),
+        # Training needs at least one example of each class.
+        "max_training_examples": _at_least(2),
+    },
+}

@@ -301,10 +301,10 @@ def test_cli_missing_file_fails(tmp_path, capsys):
 @pytest.mark.parametrize(
     "option, message",
     [
-        (["--server-port", "0"], "invalid tap server_port 0"),
-        (["--queue", "70000"], "invalid tap queue 70000"),
-        (["--max-flows", "0"], "invalid tap max_flows 0"),
-        (["--linger", "0"], "invalid tap linger 0.0"),
+        (["--server-port", "0"], "invalid tap.server_port 0 from option --server-port"),
+        (["--queue", "70000"], "invalid tap.queue 70000 from option --queue"),
+        (["--max-flows", "0"], "invalid tap.max_flows 0 from option --max-flows"),
+        (["--linger", "0"], "invalid tap.linger 0.0 from option --linger"),
     ],
 )
 def test_cli_invalid_option_raises(option, message, capsys):
