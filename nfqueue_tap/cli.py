@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from spamflow.config import TapConfig, apply_overrides, load_config
@@ -90,6 +91,22 @@ def _run_offline(path: str, config: TapConfig) -> int:
     except (OSError, CaptureFormatError) as error:
         print(f"spamflow tap: cannot read capture: {error}", file=sys.stderr)
         return 1
-    for key, flow in flows:
-        print(json.dumps(flow_record(key, flow), separators=(",", ":")))
+    if not flows:
+        print(
+            f"spamflow tap: no TCP flows on port {config.server_port} found in {path}; "
+            "set --server-port to the mail server's port",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        for key, flow in flows:
+            print(json.dumps(flow_record(key, flow), separators=(",", ":")))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe (as `head` does). Point stdout at /dev/null so the
+        # flush at interpreter exit does not raise again, and stop without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -66,27 +67,37 @@ def read_capture(path: str) -> Iterator[tuple[float, bytes]]:
     """Yield (timestamp in seconds, packet starting at the IP header) for each packet.
 
     Packets of other network protocols (ARP, ...) are skipped. Raises
-    CaptureFormatError for unknown formats and link types. A record that is cut off
-    or invalid ends the packets with a warning, keeping the packets before it.
+    CaptureFormatError for unknown formats and link types and for invalid gzip data.
+    A record that is cut off or invalid, or a gzip file that ends early, ends the packets
+    with a warning, keeping the packets before it.
     """
     with open(path, "rb") as raw:
         head = raw.read(2)
         raw.seek(0)
         stream: BinaryIO = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
-        magic_bytes = stream.read(4)
-        if len(magic_bytes) < 4:
-            raise CaptureFormatError(f"{path}: file too short for a capture header")
-        if struct.unpack("<I", magic_bytes)[0] == _PCAPNG_SHB:
-            frames = _read_pcapng(stream, magic_bytes, path)
-        else:
-            frames = _read_pcap(stream, magic_bytes, path)
         try:
-            for timestamp, linktype, frame in frames:
-                packet = link_payload(linktype, frame, path)
-                if packet is not None:
-                    yield timestamp, packet
+            yield from _read_packets(stream, path)
         except CaptureRecordError as error:
             log.warning("%s; ignoring the rest of the file", error)
+        except EOFError:
+            # GzipFile raises EOFError when the compressed data stops before its trailer.
+            log.warning("%s: truncated gzip data; ignoring the rest of the file", path)
+        except zlib.error as error:
+            raise CaptureFormatError(f"{path}: invalid gzip data: {error}") from error
+
+
+def _read_packets(stream: BinaryIO, path: str) -> Iterator[tuple[float, bytes]]:
+    magic_bytes = stream.read(4)
+    if len(magic_bytes) < 4:
+        raise CaptureFormatError(f"{path}: file too short for a capture header")
+    if struct.unpack("<I", magic_bytes)[0] == _PCAPNG_SHB:
+        frames = _read_pcapng(stream, magic_bytes, path)
+    else:
+        frames = _read_pcap(stream, magic_bytes, path)
+    for timestamp, linktype, frame in frames:
+        packet = link_payload(linktype, frame, path)
+        if packet is not None:
+            yield timestamp, packet
 
 
 def link_payload(linktype: int, frame: bytes, path: str = "capture") -> bytes | None:

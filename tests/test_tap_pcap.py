@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,28 @@ def test_truncated_record_keeps_earlier_packets(tmp_path):
     assert packets[2][0] == 100.375
 
 
+def test_truncated_gzip_keeps_earlier_packets(tmp_path, caplog):
+    complete = list(read_capture(str(GZIP_SMTP)))
+    data = GZIP_SMTP.read_bytes()
+    path = tmp_path / "cut.pcap.gz"
+    path.write_bytes(data[: len(data) // 2])
+    packets = list(read_capture(str(path)))
+    assert 0 < len(packets) < len(complete)
+    assert packets == complete[: len(packets)]
+    assert "truncated gzip data" in caplog.text
+
+
+def test_corrupt_gzip_raises(tmp_path):
+    data = bytearray(GZIP_SMTP.read_bytes())
+    # Flipping bytes of the deflate stream after the 10-byte gzip header makes it invalid.
+    for index in range(20, 60):
+        data[index] ^= 0xFF
+    path = tmp_path / "corrupt.pcap.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CaptureFormatError, match="invalid gzip data"):
+        list(read_capture(str(path)))
+
+
 def test_unknown_format_raises(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("this is not a capture file\n")
@@ -310,3 +334,35 @@ def test_cli_missing_file_fails(tmp_path, capsys):
 def test_cli_invalid_option_raises(option, message, capsys):
     with pytest.raises(ConfigError, match=message):
         run_cli(["tap", *option, "--pcap", str(WIRESHARK_SMTP)], capsys)
+
+
+def test_cli_truncated_gzip_prints_flows(tmp_path, capsys):
+    data = GZIP_SMTP.read_bytes()
+    path = tmp_path / "cut.pcap.gz"
+    path.write_bytes(data[: len(data) // 2])
+    status, output = run_cli(["tap", "--pcap", str(path)], capsys)
+    assert status == 0
+    assert len(output.out.splitlines()) == 1
+
+
+def test_cli_no_flows_on_port_notes_it(capsys):
+    status, output = run_cli(["tap", "--server-port", "2525", "--pcap", str(ZEEK_SMTP)], capsys)
+    assert status == 0
+    assert output.out == ""
+    assert "no TCP flows on port 2525 found in" in output.err
+
+
+def test_cli_closed_stdout_exits_quietly():
+    # The read end of the pipe is closed before the tap writes, so every write fails
+    # with EPIPE, as after `spamflow tap --pcap FILE | head -1`.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spamflow", "tap", "--pcap", str(ZEEK_SMTP)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    status = process.wait(timeout=60)
+    assert status == 1
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
