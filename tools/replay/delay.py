@@ -19,7 +19,8 @@ import signal
 import sys
 from typing import Any
 
-log = logging.getLogger(__name__)
+# Named explicitly because `python -m` runs this module as __main__.
+log = logging.getLogger("spamflow.replay.delay")
 
 # Packets the kernel keeps waiting for a verdict on this queue before it drops new ones.
 QUEUE_MAX_LEN = 8192

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+# Named explicitly because `python -m` runs this module as __main__.
+log = logging.getLogger("spamflow.replay.sender")
 
 ENVELOPE_SENDER = "replay@sender.test"
 HELO_NAME = "client.sender.test"
