@@ -1,21 +1,25 @@
 """End-to-end replay through real namespaces, spamd, tap, policy, proxy and Postfix.
 
-One testbed serves the first two tests, in file order: the learning run first, then the
-fail-open checks, which kill the tap. The last test runs ``spamflow demo`` on its own.
+One testbed serves the first three tests, in file order: the learning run first, then the
+fail-open checks, which kill the tap, then the liveness checks, which kill a delay stage
+and the policy service. The last tests run ``spamflow demo`` on their own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from spamflow.config import LearnConfig
+from spamflow.replay.daemons import DaemonError
 from spamflow.replay.demo import ReplayRequest, prepare_messages
-from spamflow.replay.netns import PathProfile
+from spamflow.replay.netns import PathProfile, list_namespaces
 from spamflow.replay.results import parse_delivered, smtp_canonical, split_message
 from spamflow.replay.testbed import ReplayMessage, Testbed, TestbedOptions
 
@@ -123,6 +127,28 @@ def test_fail_open_without_tap(testbed, messages):
         assert _body(data) == _body(smtp_canonical(message.raw))
 
 
+def test_dead_daemons_stop_send_and_wait(testbed, messages):
+    spam = next(m for m in messages if m.label == "spam")
+    batch = [ReplayMessage("d00001", spam.name, "spam", spam.raw)]
+
+    stage = testbed.topology.paths["spam"].delay_process
+    stage.kill()
+    stage.wait(timeout=10)
+    with pytest.raises(DaemonError) as dead_stage:
+        testbed.send(batch, progress=False)
+    assert "delay stage of the spam path" in str(dead_stage.value)
+    assert str(testbed.log_dir / "delay-spam.log") in str(dead_stage.value)
+    assert "d00001" not in testbed.delivered_files()
+
+    policy = testbed.daemons["policy"]
+    policy.process.kill()
+    policy.process.wait(timeout=10)
+    with pytest.raises(DaemonError) as dead_policy:
+        testbed.wait_delivered(["d00001"], WAIT_S, progress=False)
+    assert str(dead_policy.value).startswith("policy (pid ")
+    assert str(policy.log_path) in str(dead_policy.value)
+
+
 def test_demo_command_writes_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
@@ -148,5 +174,57 @@ def test_demo_command_writes_run_folder(tmp_path):
         assert line["flow"].startswith("198.18.")
     for name in ("tap.log", "policy.log", "proxy.log", "maillog", "delay-spam.log"):
         assert (run_dir / "logs" / name).stat().st_size > 0, name
+    assert "spamflow.replay.delay:" in (run_dir / "logs" / "delay-spam.log").read_text()
+    assert "spamflow.replay.sender:" in (run_dir / "logs" / "sender-ham.log").read_text()
     assert (run_dir / "summary.txt").read_text().startswith("messages sent")
     assert len(list((run_dir / "Maildir" / "new").iterdir())) == 8
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_demo_interrupt_writes_partial_results(tmp_path):
+    # A shell starts background jobs with SIGINT ignored; the demo must still stop on it.
+    prefix = f"sft-rp-{os.getpid()}-i"
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spamflow", "demo", "--spam", "30", "--ham", "30",
+         "--run-dir", str(run_dir), "--prefix", prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint)
+    try:
+        assert process.stderr is not None
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if f"testbed {prefix} ready" in line:
+                break
+        else:
+            pytest.fail("demo ended before its testbed was ready:\n" + "".join(lines[-30:]))
+        # Let some messages go through before the interrupt.
+        deadline = time.monotonic() + 30
+        while not (run_dir / "logs" / "sender-spam.log").exists():
+            assert time.monotonic() < deadline, "the demo did not start sending"
+            time.sleep(0.1)
+        time.sleep(3.0)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130, stderr[-3000:]
+    assert f"interrupted: removed testbed {prefix}; partial results and logs are in " \
+        f"{run_dir}" in stderr
+    assert "Traceback" not in stderr
+    assert "\r" not in stderr, "progress bar written to a stderr that is not a terminal"
+    assert [name for name in list_namespaces() if name.startswith(prefix + "-")] == []
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert summary["stopped"] == "interrupted"
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == summary["sent"]
+    assert (run_dir / "summary.txt").read_text().startswith("INCOMPLETE: the run was stopped")
+    assert (run_dir / "logs" / "proxy.log").stat().st_size > 0

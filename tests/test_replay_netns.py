@@ -8,10 +8,13 @@ import statistics
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
 import pytest
 
 from spamflow.replay.netns import (PathProfile, Topology, list_namespaces, namespace_pids,
                                    netns_exec)
+from spamflow.replay.runlock import PrefixLock, TestbedBusyError
 
 pytestmark = [
     pytest.mark.root,
@@ -128,8 +131,8 @@ def test_leftovers_removed_at_start():
     assert _namespaces(PREFIX) == []
 
 
-def test_sigterm_removes_namespaces():
-    prefix = f"{PREFIX}-t"
+def _start_topology_process(prefix: str) -> subprocess.Popen:
+    """Start a process that opens a Topology and keeps it open for up to 120 s."""
     script = textwrap.dedent(f"""
         import time
         from spamflow.replay.netns import Topology
@@ -137,8 +140,13 @@ def test_sigterm_removes_namespaces():
             print("up", flush=True)
             time.sleep(120)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                               text=True)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_sigterm_removes_namespaces():
+    prefix = f"{PREFIX}-t"
+    process = _start_topology_process(prefix)
     try:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "up"
@@ -153,3 +161,62 @@ def test_sigterm_removes_namespaces():
     assert _namespaces(prefix) == []
     for pid in stage_pids:
         assert not os.path.exists(f"/proc/{pid}"), f"delay stage {pid} outlived the topology"
+
+
+def test_busy_prefix_leaves_live_topology():
+    prefix = f"{PREFIX}-b"
+    process = _start_topology_process(prefix)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "up"
+        stage_pids = namespace_pids(f"{prefix}-spam") + namespace_pids(f"{prefix}-ham")
+        assert len(stage_pids) == 2
+
+        with pytest.raises(TestbedBusyError) as busy:
+            with Topology(prefix):
+                pass
+        assert repr(prefix) in str(busy.value)
+        assert f"pid {process.pid}" in str(busy.value)
+        assert "--prefix" in str(busy.value)
+        assert len(_namespaces(prefix)) == 3
+        for pid in stage_pids:
+            assert os.path.exists(f"/proc/{pid}"), f"delay stage {pid} was killed"
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert _namespaces(prefix) == []
+
+
+def test_demo_busy_prefix_exits_early(tmp_path):
+    prefix = f"{PREFIX}-c"
+    run_dir = tmp_path / "run"
+    lock = PrefixLock(prefix)
+    lock.acquire()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "spamflow", "demo", "--spam", "1", "--ham", "1",
+             "--prefix", prefix, "--run-dir", str(run_dir), "--no-progress"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"testbed prefix {prefix!r} is in use" in result.stderr
+    assert "--prefix" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+    assert _namespaces(prefix) == []
+
+
+def test_stale_lock_file_allows_new_run():
+    prefix = f"{PREFIX}-s"
+    lock_path = Path("/run/spamflow") / f"testbed-{prefix}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path.write_text("999999999\n")
+    try:
+        with Topology(prefix, {"spam": PathProfile(), "ham": PathProfile()}):
+            assert len(_namespaces(prefix)) == 3
+            assert lock_path.read_text().strip() == str(os.getpid())
+    finally:
+        lock_path.unlink(missing_ok=True)
+    assert _namespaces(prefix) == []

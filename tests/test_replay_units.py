@@ -20,8 +20,9 @@ from spamflow.config import LearnConfig, load_config
 from spamflow.replay.corpus import (CorpusError, IndexEntry, iter_messages, load_messages,
                                     read_index, select_entries, strip_mbox_from_line)
 from spamflow.replay.delay import DelayLine
-from spamflow.replay.netns import stop_process
+from spamflow.replay.netns import parse_netns_list, stop_process
 from spamflow.replay.postfix import deliver_script, main_cf, master_cf
+from spamflow.replay.runlock import PrefixLock, TestbedBusyError
 from spamflow.replay.results import (build_results, format_table, parse_delivered,
                                      smtp_canonical, split_message, summarize)
 from spamflow.replay.sender import to_crlf
@@ -344,3 +345,66 @@ def test_demo_rejects_unknown_model_kind(capsys):
         build_parser().parse_args(["demo", "--model-kind", "bogus"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_demo_rejects_invalid_prefix(capsys):
+    from spamflow.cli import build_parser
+
+    for prefix in ("bad prefix!", "-lead", "", "x" * 25, "a/b"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["demo", f"--prefix={prefix}"])
+        assert exit_info.value.code == 2, prefix
+        assert f"invalid testbed prefix {prefix!r}" in capsys.readouterr().err
+
+
+def test_demo_accepts_valid_prefix():
+    from spamflow.cli import build_parser
+
+    for prefix in ("sfdemo", "sft-rp-32768-d", "A_1", "x" * 24):
+        assert build_parser().parse_args(["demo", "--prefix", prefix]).prefix == prefix
+
+
+def test_parse_netns_list_keeps_spaces():
+    output = "bad prefix!-spam (id: 3)\nsfdemo-srv (id: 0)\nplain\n\n"
+    assert parse_netns_list(output) == ["bad prefix!-spam", "sfdemo-srv", "plain"]
+
+
+def test_prefix_lock_rejects_second_owner(tmp_path):
+    first = PrefixLock("sft-unit", tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(TestbedBusyError) as busy:
+            PrefixLock("sft-unit", tmp_path).acquire()
+        assert "'sft-unit'" in str(busy.value)
+        assert f"pid {os.getpid()}" in str(busy.value)
+        assert "--prefix" in str(busy.value)
+        other = PrefixLock("sft-other", tmp_path)
+        other.acquire()
+        assert other.held
+        other.release()
+    finally:
+        first.release()
+    again = PrefixLock("sft-unit", tmp_path)
+    again.acquire()
+    assert again.held
+    again.release()
+    assert not again.held
+
+
+def test_progress_hidden_without_terminal():
+    from spamflow.replay.cli import progress_wanted
+
+    assert not progress_wanted(False, io.StringIO())
+    primary, secondary = os.openpty()
+    with open(secondary, "w", closefd=True) as terminal:
+        assert progress_wanted(False, terminal)
+        assert not progress_wanted(True, terminal)
+    os.close(primary)
+
+
+def test_sender_log_has_module_name():
+    result = subprocess.run([sys.executable, "-m", "spamflow.replay.sender"], input="",
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "spamflow.replay.sender: sent 0 jobs" in result.stderr
+    assert "__main__" not in result.stderr

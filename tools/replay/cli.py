@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, Any
 
 from spamflow.config import ConfigError, LearnConfig
 from spamflow.models.cli import KIND_CHOICES
+from spamflow.replay.netns import DEFAULT_PREFIX, check_prefix
 
 # SpamAssassin without Bayes and network tests scores most of the 2002-2003 ham of the
 # SpamAssassin public corpus between 0.4 and 2.4 (date rules fire on such old mail), so
@@ -22,20 +26,36 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _prefix(text: str) -> str:
+    try:
+        return check_prefix(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def progress_wanted(no_progress: bool, stream: IO[str]) -> bool:
+    """Return True when progress bars should be drawn on stream: not hidden, a terminal."""
+    return not no_progress and stream.isatty()
+
+
 def _add_common(parser: argparse.ArgumentParser, spam: int, ham: int) -> None:
-    parser.add_argument("--spam", type=_count, default=spam,
+    parser.add_argument("--spam", type=_count, default=spam, metavar="N",
                         help=f"spam messages to send (default: {spam})")
-    parser.add_argument("--ham", type=_count, default=ham,
+    parser.add_argument("--ham", type=_count, default=ham, metavar="N",
                         help=f"ham messages to send (default: {ham})")
-    parser.add_argument("--run-dir", type=Path,
+    parser.add_argument("--run-dir", type=Path, metavar="DIR",
                         help="folder for results and logs (default: runs/<UTC timestamp>)")
-    parser.add_argument("--prefix", default="sfdemo",
-                        help="name prefix of the network namespaces (default: sfdemo)")
+    parser.add_argument("--prefix", type=_prefix, default=DEFAULT_PREFIX,
+                        help="name prefix of the network namespaces, 1 to 24 letters, "
+                        "digits, '-' or '_'; runs at the same time need different "
+                        f"prefixes (default: {DEFAULT_PREFIX})")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of the message choice and send order (default: 1)")
     parser.add_argument("--keep", action="store_true",
                         help="leave the testbed running after the replay until Ctrl-C")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress bars (hidden anyway when stderr is not "
+                        "a terminal)")
     learn = parser.add_argument_group("auto-learning ([learn] table of the run's config)")
     learn.add_argument("--spam-threshold", type=float, default=DEMO_LEARN.spam_threshold,
                        help="base score at or above which a message becomes a spam example "
@@ -76,18 +96,37 @@ def register(subparsers: Any) -> None:
     replay.set_defaults(func=run_demo)
 
 
+def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    """Run ``spamflow demo`` or ``spamflow replay``, with Ctrl-C and SIGTERM handled."""
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # handler of its own, so both signals get explicit handlers for the run.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        return _run_demo(args)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     import os
 
     from spamflow.replay.corpus import CorpusError
-    from spamflow.replay.demo import ReplayRequest, run_replay
+    from spamflow.replay.demo import ReplayRequest, ReplayStoppedError, run_replay
     from spamflow.replay.results import format_table
+    from spamflow.replay.runlock import TestbedBusyError
 
     if os.geteuid() != 0:
         raise ConfigError("spamflow demo needs root: it creates network namespaces")
     request = ReplayRequest(spam=args.spam, ham=args.ham, corpus=args.corpus,
                             run_dir=args.run_dir, prefix=args.prefix, seed=args.seed,
-                            progress=not args.no_progress, keep=args.keep,
+                            progress=progress_wanted(args.no_progress, sys.stderr),
+                            keep=args.keep,
                             learn=LearnConfig(
                                 spam_threshold=args.spam_threshold,
                                 ham_threshold=args.ham_threshold,
@@ -96,8 +135,11 @@ def run_demo(args: argparse.Namespace) -> int:
                                 min_examples_per_class=args.min_examples))
     try:
         summary = run_replay(request)
-    except CorpusError as error:
+    except (CorpusError, TestbedBusyError) as error:
         raise ConfigError(str(error)) from error
+    except ReplayStoppedError as error:
+        print(f"spamflow {args.command}: {error}", file=sys.stderr)
+        return error.exit_status
     print(format_table(summary))
     print(f"results: {summary['run_dir']}")
     return 0 if summary["complete"] else 1

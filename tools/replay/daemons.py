@@ -35,6 +35,8 @@ class Daemon:
         self.command = netns_exec(namespace, *command) if namespace else command
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        # Set by kill(): the exit was requested, so check_running() does not report it.
+        self.killed = False
 
     def start(self) -> Daemon:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,10 +50,16 @@ class Daemon:
         return self.process is not None and self.process.poll() is None
 
     def check_running(self) -> None:
-        """Raise DaemonError with the log tail when the process has exited."""
+        """Raise DaemonError with the log path and tail when the process has exited.
+
+        A daemon ended by kill() counts as running, because its exit was requested.
+        """
+        if self.killed:
+            return
         if self.process is not None and self.process.poll() is not None:
             raise DaemonError(
-                f"{self.name} exited with status {self.process.returncode}\n{self.log_tail()}"
+                f"{self.name} (pid {self.process.pid}) exited with status "
+                f"{self.process.returncode}, log {self.log_path}\n{self.log_tail()}"
             )
 
     def wait_until(self, ready: object, timeout: float, what: str) -> None:
@@ -65,9 +73,10 @@ class Daemon:
         raise DaemonError(f"{self.name} did not {what} within {timeout:.0f} s\n{self.log_tail()}")
 
     def kill(self) -> None:
-        """Kill the process at once (SIGKILL), as a crash would."""
+        """Kill the process at once (SIGKILL), as a crash would, and expect it gone."""
         if self.running():
             assert self.process is not None
+            self.killed = True
             self.process.kill()
             self.process.wait()
             log.info("%s killed", self.name)

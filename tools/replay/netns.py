@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,18 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+from spamflow.replay.runlock import PrefixLock
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "sfdemo"
+# Letters, digits, '-' and '_', starting with a letter or digit. The prefix names the
+# namespaces, the lock file and the /var/tmp work folder, so it must be a safe file name.
+# No interface name contains it (veth ends are to-spam, to-ham and eth0), so the 15-byte
+# interface name limit does not apply, and 24 characters leave room for a test's pid.
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,23}")
+# `ip netns list` prints "NAME" or "NAME (id: N)" on each line.
+NETNS_LINE = re.compile(r"^(?P<name>.*?)(?: \(id: \d+\))?$")
 SENDERS = ("spam", "ham")
 # Third octet of each sender's /24 in 198.18.0.0/15. The server is .1, the sender .2.
 SUBNETS = {"spam": 1, "ham": 2}
@@ -35,6 +45,16 @@ DELAY_START_TIMEOUT = 15.0
 
 class TopologyError(RuntimeError):
     """A namespace, link, rule or helper process of the testbed could not be set up."""
+
+
+def check_prefix(prefix: str) -> str:
+    """Return prefix unchanged, or raise ValueError saying which names are allowed."""
+    if not PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(
+            f"invalid testbed prefix {prefix!r}: use 1 to 24 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -83,8 +103,17 @@ def run(command: list[str], *, check: bool = True) -> subprocess.CompletedProces
 
 
 def list_namespaces() -> list[str]:
-    output = run(["ip", "netns", "list"]).stdout
-    return [line.split()[0] for line in output.splitlines() if line.strip()]
+    return parse_netns_list(run(["ip", "netns", "list"]).stdout)
+
+
+def parse_netns_list(output: str) -> list[str]:
+    """Return the namespace names in `ip netns list` output, spaces in names included."""
+    names = []
+    for line in output.splitlines():
+        match = NETNS_LINE.match(line)
+        if line.strip() and match is not None:
+            names.append(match.group("name"))
+    return names
 
 
 def namespace_pids(namespace: str) -> list[int]:
@@ -154,9 +183,11 @@ class SenderPath:
 class Topology:
     """Create the testbed namespaces on entry and remove all of them on exit.
 
-    Entry first removes leftovers of a crashed run with the same prefix. Exit, an
+    Entry takes the prefix's PrefixLock, raising TestbedBusyError while a live process
+    holds it, and then removes leftovers of a dead run with the same prefix. Exit, an
     exception, Ctrl-C and SIGTERM (turned into SystemExit while the topology is open in
-    the main thread) all end the processes in its namespaces and delete them.
+    the main thread) all end the processes in its namespaces, delete them and release
+    the lock.
     """
 
     def __init__(
@@ -166,7 +197,7 @@ class Topology:
         log_dir: Path | None = None,
         seed: int = 0,
     ) -> None:
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         self.profiles = profiles or {"spam": SPAM_PROFILE, "ham": HAM_PROFILE}
         self.log_dir = log_dir
         self.seed = seed
@@ -183,8 +214,11 @@ class Topology:
             )
         self._previous_sigterm: object = None
         self._logs: list[IO[str]] = []
+        self.lock = PrefixLock(self.prefix)
 
     def __enter__(self) -> Topology:
+        # A busy prefix raises here, before anything of the other run is touched.
+        self.lock.acquire()
         self._install_sigterm_handler()
         try:
             self.setup()
@@ -238,11 +272,16 @@ class Topology:
             run(netns_exec(namespace, "iptables", "-A", "OUTPUT", "-o", "eth0", "-j",
                            "NFQUEUE", "--queue-num", str(DELAY_QUEUE), "--queue-bypass"))
 
+    def delay_log_path(self, sender: str) -> Path | None:
+        """Return the log file of a sender's delay stage, or None without a log folder."""
+        return None if self.log_dir is None else self.log_dir / f"delay-{sender}.log"
+
     def _start_delay(self, path: SenderPath) -> subprocess.Popen[str]:
         stderr: IO[str] | int = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.log_dir / f"delay-{path.name}.log", "a", encoding="utf-8")
+        log_path = self.delay_log_path(path.name)
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log_path, "a", encoding="utf-8")
             self._logs.append(handle)
             stderr = handle
         command = netns_exec(
@@ -271,6 +310,7 @@ class Topology:
             handle.close()
         self._logs.clear()
         self._restore_sigterm_handler()
+        self.lock.release()
         log.info("topology %s removed", self.prefix)
 
     def exec_argv(self, namespace: str, *command: str) -> list[str]:

@@ -249,6 +249,10 @@ class PostfixInstance:
         self.started = False
         log.info("postfix stopped (config %s)", self.config_dir)
 
+    def running(self) -> bool:
+        """Return True while the Postfix master process of this instance is alive."""
+        return _pid_alive(self.base / "spool" / "pid" / "master.pid")
+
     def remove(self) -> None:
         """Delete the base directory if this instance created it."""
         if self._own_base:

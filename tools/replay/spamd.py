@@ -337,6 +337,10 @@ class SpamdInstance:
         )
         return result.returncode == 0
 
+    def running(self) -> bool:
+        """Return True while the spamd parent process started by start() is alive."""
+        return self._process is not None and self._process.poll() is None
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """Return the last lines of the spamd log, or a note when there is none."""
         try:

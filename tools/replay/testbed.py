@@ -28,7 +28,7 @@ from typing import Any
 from spamflow.config import LearnConfig, parse_host_port
 from spamflow.replay.daemons import Daemon, DaemonError
 from spamflow.replay.netns import (DEFAULT_PREFIX, HAM_PROFILE, SPAM_PROFILE, PathProfile,
-                                   Topology, netns_exec, run, wait_for_port)
+                                   Topology, netns_exec, run, stop_process, wait_for_port)
 from spamflow.replay.postfix import DEFAULT_DOMAIN, PostfixInstance
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 POLICY_LISTEN = "127.0.0.1:10040"
 PROXY_LISTEN = "127.0.0.1:7830"
 DAEMON_START_TIMEOUT = 30.0
+# Seconds between liveness checks of the testbed's processes while sending and waiting.
+ALIVE_CHECK_INTERVAL = 0.5
 WORK_PARENT = "/var/tmp"
 
 
@@ -124,6 +126,8 @@ class Testbed:
         self.daemons: dict[str, Daemon] = {}
         self._stack = contextlib.ExitStack()
         self._sent_count = 0
+        # Send records of the current or last send() call, in arrival order.
+        self.sent_records: list[dict[str, Any]] = []
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -147,17 +151,19 @@ class Testbed:
         from spamflow.replay.spamd import SpamdInstance
 
         options = self.options
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # The Topology takes the prefix's lock first, so a busy prefix leaves no files.
         self.topology = self._stack.enter_context(Topology(
             options.prefix,
             {"spam": options.spam_profile, "ham": options.ham_profile},
             log_dir=self.log_dir, seed=options.seed,
         ))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         server_ns = self.topology.server_ns
 
         # The user nobody runs the Postfix pipe, so its files sit under a world-traversable
         # folder. Folders of an earlier run with this prefix are leftovers of a crash,
-        # because the Topology above has just ended every process of that run.
+        # because the Topology above has taken the prefix's lock and ended every
+        # process of that run.
         work_prefix = f"spamflow-run-{options.prefix}-"
         for leftover in Path(WORK_PARENT).glob(work_prefix + "*"):
             log.warning("removing %s left by an earlier run", leftover)
@@ -241,6 +247,32 @@ class Testbed:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work = None
 
+    # -- liveness ------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Raise DaemonError naming the first testbed process that has exited, and its log.
+
+        Checks the tap, policy service and proxy (except those ended by Daemon.kill()),
+        spamd, the Postfix master and the delay stages.
+        """
+        for daemon in self.daemons.values():
+            daemon.check_running()
+        if self.spamd is not None and not self.spamd.running():
+            raise DaemonError(f"spamd exited, log {self.spamd.log_path}\n"
+                              f"{self.spamd.log_tail()}")
+        if self.postfix is not None and self.postfix.started and not self.postfix.running():
+            raise DaemonError(f"Postfix master exited, log {self.postfix.maillog}\n"
+                              f"{self.postfix.log_tail()}")
+        if self.topology is not None:
+            for path in self.topology.paths.values():
+                process = path.delay_process
+                if process is not None and process.poll() is not None:
+                    raise DaemonError(
+                        f"delay stage of the {path.name} path (pid {process.pid}) exited "
+                        f"with status {process.returncode}, log "
+                        f"{self.topology.delay_log_path(path.name)}"
+                    )
+
     # -- replay --------------------------------------------------------------------------
 
     def send(self, messages: list[ReplayMessage], progress: bool = True,
@@ -248,8 +280,11 @@ class Testbed:
         """Send messages in list order, spam over the spam path and ham over the ham path.
 
         Returns one send record per message (the sender's JSON plus name), in list order.
+        Raises DaemonError, after stopping the senders, when a testbed process exits.
         """
         assert self.topology is not None and self.work is not None
+        self.check_alive()
+        self.sent_records = []
         message_dir = self.work / "messages"
         message_dir.mkdir(exist_ok=True)
         jobs: dict[str, list[dict[str, Any]]] = {"spam": [], "ham": []}
@@ -283,15 +318,28 @@ class Testbed:
 
         records: dict[str, dict[str, Any]] = {}
         finished = 0
-        with _progress(len(messages), "sending", progress) as bar:
-            while finished < len(processes):
-                item = results.get()
-                if item is None:
-                    finished += 1
-                    continue
-                item["name"] = names.get(item["id"], "")
-                records[item["id"]] = item
-                bar.update(1)
+        next_check = time.monotonic() + ALIVE_CHECK_INTERVAL
+        try:
+            with _progress(len(messages), "sending", progress) as bar:
+                while finished < len(processes):
+                    if time.monotonic() >= next_check:
+                        self.check_alive()
+                        next_check = time.monotonic() + ALIVE_CHECK_INTERVAL
+                    try:
+                        item = results.get(timeout=ALIVE_CHECK_INTERVAL)
+                    except queue.Empty:
+                        continue
+                    if item is None:
+                        finished += 1
+                        continue
+                    item["name"] = names.get(item["id"], "")
+                    records[item["id"]] = item
+                    self.sent_records.append(item)
+                    bar.update(1)
+        except BaseException:
+            for process in processes:
+                stop_process(process, "sender", timeout=5)
+            raise
         for process in processes:
             process.wait()
         return [records.get(m.id, {"id": m.id, "name": m.name, "label": m.label,
@@ -302,7 +350,8 @@ class Testbed:
                        require_observations: bool = True) -> bool:
         """Wait until every id has a Maildir file and, optionally, a proxy record.
 
-        Returns False when the timeout ran out first.
+        Returns False when the timeout ran out first. Raises DaemonError when a testbed
+        process exits.
         """
         assert self.postfix is not None
         wanted = set(ids)
@@ -310,6 +359,7 @@ class Testbed:
         with _progress(len(wanted), "delivering", progress) as bar:
             done = 0
             while True:
+                self.check_alive()
                 delivered = wanted & set(self.postfix.delivered())
                 count = len(delivered)
                 if require_observations:
@@ -322,7 +372,7 @@ class Testbed:
                     log.warning("timed out after %.0f s: %d of %d messages delivered",
                                 timeout, len(delivered), len(wanted))
                     return False
-                time.sleep(0.5)
+                time.sleep(ALIVE_CHECK_INTERVAL)
 
     def delivered_files(self) -> dict[str, bytes]:
         assert self.postfix is not None
