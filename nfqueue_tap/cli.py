@@ -21,30 +21,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "of a capture file instead, print one JSON line per flow and exit."
         ),
     )
-    parser.add_argument(
-        "--queue", type=int, metavar="N", help="NFQUEUE queue number (config: tap.queue)"
-    )
-    parser.add_argument(
-        "--socket", metavar="PATH", help="path of the query Unix socket (config: tap.socket)"
-    )
+    parser.add_argument("--queue", type=int, metavar="N", help="NFQUEUE queue number")
+    parser.add_argument("--socket", metavar="PATH", help="path of the query Unix socket")
     parser.add_argument(
         "--server-port",
         type=int,
         metavar="PORT",
-        help="TCP port of the mail server; the other end is the remote peer "
-        "(config: tap.server_port)",
+        help="TCP port of the mail server; the other end is the remote peer",
     )
     parser.add_argument(
         "--max-flows",
         type=int,
         metavar="N",
-        help="max flows kept in memory (config: tap.max_flows)",
+        help="maximum number of flows kept in memory",
     )
     parser.add_argument(
         "--linger",
         type=float,
         metavar="SECONDS",
-        help="seconds a flow stays queryable after its last packet (config: tap.linger)",
+        help="seconds a flow stays queryable after its last packet",
     )
     parser.add_argument(
         "--pcap",
