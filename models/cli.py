@@ -7,9 +7,11 @@ import sqlite3
 import sys
 from pathlib import Path
 
-# Kept in step with classifier.MODEL_KINDS, which this module does not import so the CLI
-# starts without loading numpy and scikit-learn.
-KIND_CHOICES = ("nb", "tree", "svm", "xgb")
+from spamflow.config import MODEL_KINDS
+
+# The configuration's copy of classifier.MODEL_KINDS, so the CLI starts without loading
+# numpy and scikit-learn.
+KIND_CHOICES = MODEL_KINDS
 CV_FOLDS = 5
 
 
@@ -23,23 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "save the model where the proxy loads it."
         ),
     )
-    parser.add_argument("--db", help="example store (default: [proxy] db of the config)")
-    parser.add_argument("--model", help="model file to write (default: [proxy] model)")
+    parser.add_argument("--db", metavar="PATH", help="SQLite file of recorded examples")
     parser.add_argument(
-        "--kind",
-        choices=KIND_CHOICES,
-        help="model kind (default: [learn] model_kind of the config)",
+        "--model",
+        metavar="PATH",
+        help="model file to write; its directory must exist unless the path comes from "
+        "the configuration",
     )
+    parser.add_argument("--kind", choices=KIND_CHOICES, help="model kind")
     parser.add_argument(
-        "--min-examples",
-        type=int,
-        help="minimum examples per class (default: [learn] min_examples_per_class)",
+        "--min-examples", type=int, metavar="N", help="minimum examples per class"
     )
     parser.add_argument(
         "--max-examples",
         type=int,
-        help="train on at most this many of the newest examples "
-        "(default: [learn] max_training_examples)",
+        metavar="N",
+        help="train on at most this many of the newest examples",
     )
     parser.set_defaults(func=run_train)
 
@@ -67,6 +68,13 @@ def run_train(args: argparse.Namespace) -> int:
     if max_examples < 2:
         print(f"spamflow train: invalid --max-examples {max_examples}: expected at least 2",
               file=sys.stderr)
+        return 1
+
+    # Only the configured model path gets its directories created, so a mistyped --model
+    # fails here instead of creating directories.
+    if args.model is not None and not model_path.parent.is_dir():
+        print(f"spamflow train: directory {model_path.parent} of --model {model_path} not "
+              "found; create it first or choose another path", file=sys.stderr)
         return 1
 
     # Opening a missing store would create an empty one, so check first.
@@ -97,6 +105,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"{CV_FOLDS}-fold cross-validated accuracy ({kind}): {accuracy:.3f}")
 
     model = train_model(X, y, kind)
-    save_model(model, model_path)
+    try:
+        save_model(model, model_path, create_parent=args.model is None)
+    except OSError as error:
+        print(f"spamflow train: cannot save model to {model_path}: {error}", file=sys.stderr)
+        return 1
     print(f"model {model.name} saved to {model_path}")
     return 0

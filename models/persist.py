@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import joblib
@@ -32,20 +34,35 @@ class IncompatibleModelError(ModelLoadError):
     """A model file contains something other than a FlowModel for the current schema."""
 
 
-def save_model(model: FlowModel, path: str | Path) -> None:
+# Temporary files of a save are named ".<model file name>.<pid>.<random>.tmp", so a later
+# save or load can tell the files that a process left behind when it ended mid-save.
+_saves_in_progress: set[str] = set()
+_saves_lock = threading.Lock()
+
+
+def save_model(model: FlowModel, path: str | Path, create_parent: bool = True) -> None:
     """Write model to path atomically with mode 0600.
 
     The model goes to a temporary file in the same directory, which is flushed to disk
-    and then renamed over path, so a reader sees either the old or the new file. Missing
-    parent directories are created with mode 0700.
+    and then renamed over path, so a reader sees either the old or the new file. With
+    create_parent, missing parent directories are created with mode 0700. Without it,
+    a missing parent raises FileNotFoundError. Temporary files of this model left by
+    ended processes are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if create_parent:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise FileNotFoundError(f"directory {path.parent} of model file {path} not found")
+    remove_stale_temporaries(path)
 
-    # mkstemp creates the file with mode 0600 whatever the umask.
-    descriptor, temporary_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    # mkstemp creates the file with mode 0600 whatever the umask. Registering the name
+    # under the lock keeps remove_stale_temporaries in another thread off this file.
+    with _saves_lock:
+        descriptor, temporary_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
+        _saves_in_progress.add(os.path.abspath(temporary_name))
     try:
         with os.fdopen(descriptor, "wb") as handle:
             joblib.dump(model, handle)
@@ -58,6 +75,9 @@ def save_model(model: FlowModel, path: str | Path) -> None:
         except FileNotFoundError:
             pass
         raise
+    finally:
+        with _saves_lock:
+            _saves_in_progress.discard(os.path.abspath(temporary_name))
 
     # Persist the rename itself.
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -65,7 +85,59 @@ def save_model(model: FlowModel, path: str | Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
-    log.info("model %s saved to %s", model.name, path)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove temporary files that a save of path left behind, and return their paths.
+
+    Removes only regular files that match the temporary name pattern of save_model, are
+    owned by the current effective user, and belong to a process that no longer exists
+    or to this process without a save in progress. Errors other than a vanished file are
+    logged and skipped.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^.]+\.tmp")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError as error:
+        log.warning("stale temporary model files not checked in %s: %s", path.parent, error)
+        return removed
+
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _save_may_be_running(os.path.abspath(entry.path),
+                                                 int(match.group(1))):
+            continue
+        try:
+            status = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            log.warning("stale temporary model file %s not removed: %s", entry.path, error)
+            continue
+        log.info("removed stale temporary model file %s of process %s", entry.path,
+                 match.group(1))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _save_may_be_running(temporary_name: str, pid: int) -> bool:
+    if pid == os.getpid():
+        with _saves_lock:
+            return temporary_name in _saves_in_progress
+    # NOTE: a process in another PID namespace that shares the model directory looks
+    # ended here, so its save in progress could lose its temporary file.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_model_file(path: str | Path) -> os.stat_result:
@@ -112,6 +184,7 @@ def load_model(path: str | Path) -> FlowModel:
     """
     path = Path(path)
     checked_status = check_model_file(path)
+    remove_stale_temporaries(path)
 
     # O_NOFOLLOW and the inode comparison catch a file swapped after the checks.
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_kind_choices_match_classifier() -> None:
 def test_train_writes_model(tmp_path: Path) -> None:
     db = tmp_path / "examples.sqlite"
     model_path = tmp_path / "model" / "model.joblib"
+    model_path.parent.mkdir()
     fill_store(db, ham=20, spam=15)
     result = run_spamflow("--db", str(db), "--model", str(model_path), "--kind", "svm")
     assert result.returncode == 0, result.stderr
@@ -72,6 +74,50 @@ def test_train_defaults_from_config(tmp_path: Path) -> None:
     result = run_spamflow(config=config)
     assert result.returncode == 0, result.stderr
     assert load_model(model_path).name == "tree-24"
+
+
+def test_train_reports_save_once(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    model_path = tmp_path / "model.joblib"
+    fill_store(db, ham=10, spam=10)
+    result = run_spamflow("--db", str(db), "--model", str(model_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"saved to {model_path}") == 1
+    assert "saved to" not in result.stderr
+
+
+def test_train_missing_model_directory(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    model_path = tmp_path / "absent" / "dir" / "model.joblib"
+    fill_store(db, ham=10, spam=10)
+    result = run_spamflow("--db", str(db), "--model", str(model_path))
+    assert result.returncode == 1
+    assert f"directory {model_path.parent} of --model {model_path} not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "absent").exists()
+
+
+def test_train_creates_configured_directory(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    model_path = tmp_path / "state" / "model.joblib"
+    fill_store(db, ham=10, spam=10)
+    config = tmp_path / "spamflow.toml"
+    config.write_text(f'[proxy]\ndb = "{db}"\nmodel = "{model_path}"\n')
+    result = run_spamflow(config=config)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(model_path.parent.stat().st_mode) == 0o700
+    assert load_model(model_path).name == "nb-20"
+
+
+def test_train_config_after_command(tmp_path: Path) -> None:
+    db = tmp_path / "examples.sqlite"
+    model_path = tmp_path / "model.joblib"
+    fill_store(db, ham=10, spam=10)
+    config = tmp_path / "spamflow.toml"
+    config.write_text(f'[proxy]\ndb = "{db}"\nmodel = "{model_path}"\n')
+    result = run_spamflow("-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert load_model(model_path).name == "nb-20"
 
 
 def test_train_missing_store(tmp_path: Path) -> None:

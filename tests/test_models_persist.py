@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from spamflow.models.persist import (
     ModelLoadError,
     UnsafeModelError,
     load_model,
+    remove_stale_temporaries,
     save_model,
 )
 from spamflow.nfqueue_tap.schema import FEATURE_NAMES
@@ -193,3 +196,91 @@ def test_rejects_other_schema(model: FlowModel, model_dir: Path) -> None:
     save_model(old, path)
     with pytest.raises(IncompatibleModelError, match="other features than the current schema"):
         load_model(path)
+
+
+def ended_pid() -> int:
+    """Return the id of a child process that has exited and been reaped."""
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True, check=True)
+    return int(process.stdout)
+
+
+def test_save_missing_parent_not_created(model: FlowModel, tmp_path: Path) -> None:
+    path = tmp_path / "absent" / "model.joblib"
+    with pytest.raises(FileNotFoundError, match="directory .*absent of model file"):
+        save_model(model, path, create_parent=False)
+    assert not path.parent.exists()
+
+
+def test_save_removes_stale_temporary(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    stale = model_dir / f".model.joblib.{ended_pid()}.k2x9q0ab.tmp"
+    stale.write_bytes(b"partial")
+    save_model(model, path)
+    assert not stale.exists()
+    assert sorted(entry.name for entry in model_dir.iterdir()) == ["model.joblib"]
+
+
+def test_load_removes_stale_temporary(model: FlowModel, model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    save_model(model, path)
+    stale = model_dir / f".model.joblib.{os.getpid()}.k2x9q0ab.tmp"
+    stale.write_bytes(b"partial")
+    assert load_model(path).name == model.name
+    assert not stale.exists()
+
+
+def test_stale_cleanup_keeps_other_files(model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    pid = ended_pid()
+    kept = [
+        # A save of a process that still runs: the parent of this test process.
+        f".model.joblib.{os.getppid()}.k2x9q0ab.tmp",
+        # Temporary files of another model and names outside the pattern.
+        f".other.joblib.{pid}.k2x9q0ab.tmp",
+        f".model.joblib.{pid}.k2x9q0ab.tmp.keep",
+        f"model.joblib.{pid}.k2x9q0ab.tmp",
+        ".model.joblib.k2x9q0ab.tmp",
+    ]
+    for name in kept:
+        (model_dir / name).write_bytes(b"x")
+    link_target = model_dir / "target"
+    link_target.write_bytes(b"x")
+    link = model_dir / f".model.joblib.{pid}.linkabcd.tmp"
+    link.symlink_to(link_target)
+
+    assert remove_stale_temporaries(path) == []
+    for name in kept:
+        assert (model_dir / name).exists(), name
+    assert link.is_symlink()
+
+
+@pytest.mark.root
+def test_stale_cleanup_keeps_foreign_file(model_dir: Path) -> None:
+    path = model_dir / "model.joblib"
+    foreign = model_dir / f".model.joblib.{ended_pid()}.k2x9q0ab.tmp"
+    foreign.write_bytes(b"x")
+    os.chown(foreign, OTHER_UID, OTHER_UID)
+    assert remove_stale_temporaries(path) == []
+    assert foreign.exists()
+
+
+def test_stale_cleanup_skips_save_in_progress(model: FlowModel, model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cleanup that runs while this process writes a temporary file leaves it alone."""
+    import joblib
+
+    from spamflow.models import persist
+
+    path = model_dir / "model.joblib"
+    results: list[list[Path]] = []
+    real_dump = joblib.dump
+
+    def dump_then_clean(value: object, handle: object) -> None:
+        real_dump(value, handle)
+        results.append(remove_stale_temporaries(path))
+
+    monkeypatch.setattr(persist.joblib, "dump", dump_then_clean)
+    save_model(model, path)
+    assert results == [[]]
+    assert load_model(path).name == model.name
