@@ -111,7 +111,7 @@ def run_proxy(args: argparse.Namespace) -> int:
     import asyncio
     import sqlite3
 
-    from spamflow.proxy.server import parse_trusted, serve_proxy
+    from spamflow.proxy.server import check_spamd_address, parse_trusted, serve_proxy
 
     config = load_config(args.config)
     apply_overrides(
@@ -128,8 +128,7 @@ def run_proxy(args: argparse.Namespace) -> int:
             "max_message_size": args.max_message_size,
         },
     )
-    parse_host_port(config.proxy.listen)
-    parse_host_port(config.proxy.spamd)
+    check_spamd_address(config.proxy.listen, config.proxy.spamd)
     parse_trusted(config.proxy.trusted_mta)
     key = _load_key(config.proxy.flow_key_file)
     if key is None:

@@ -30,6 +30,17 @@ class RateLimitedLog:
 
         Returns True when the line was written.
         """
+        return self.log(logging.WARNING, message, *args)
+
+    def error(self, message: str, *args: object) -> bool:
+        """Log message at ERROR unless one was logged within the interval.
+
+        Returns True when the line was written.
+        """
+        return self.log(logging.ERROR, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> bool:
+        """Log message at level unless one was logged within the interval."""
         now = self.clock()
         if now - self._last < self.interval:
             self.suppressed += 1
@@ -39,5 +50,5 @@ class RateLimitedLog:
             message += " (%d similar messages suppressed)"
             args = (*args, self.suppressed)
             self.suppressed = 0
-        self.logger.warning(message, *args)
+        self.logger.log(level, message, *args)
         return True

@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from spamflow.nfqueue_tap.protocol import format_flow
 from spamflow.proxy import message as message_headers
 from spamflow.proxy import spamd_protocol as protocol
 from spamflow.proxy.flowid import FLOW_HEADER, FlowIdError, verify_flow_header_value
+from spamflow.proxy.logtext import log_text
 from spamflow.proxy.ratelimit import RateLimitedLog
 from spamflow.proxy.tapclient import query_tap_features
 
@@ -59,6 +61,10 @@ SCORING_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 CLIENT_CLOSE_TIMEOUT = 10.0
 # Seconds that shutdown waits for in-flight requests, then for queued scoring.
 SHUTDOWN_TIMEOUT = 30.0
+# Seconds that shutdown waits for cancelled connection handlers to finish.
+CANCEL_TIMEOUT = 5.0
+# Minimum seconds between two log lines about an unreachable spamd.
+SPAMD_ERROR_LOG_INTERVAL = 10.0
 PIPE_CHUNK_BYTES = 64 * 1024
 
 
@@ -131,6 +137,59 @@ def parse_trusted(addresses: list[str]) -> list[ipaddress.IPv4Network | ipaddres
     return networks
 
 
+def _ip_addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Resolve host to IP addresses, with IPv4-mapped IPv6 addresses as IPv4."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return set()
+    addresses: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        addresses.add(address)
+    return addresses
+
+
+def _is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Return whether a socket of this host can bind to address, which sends no packet."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def check_spamd_address(listen: str, spamd: str) -> None:
+    """Raise ConfigError when spamd is the proxy's own listening address.
+
+    A proxy that connects to itself opens a new connection per connection until it
+    runs out of file descriptors. The check covers a wildcard listen address (0.0.0.0
+    or ::) with a local spamd address, and spamd 0.0.0.0 or ::, which Linux connects
+    to the local host. A spamd host name that does not resolve passes, because the
+    proxy then cannot reach it at all.
+    """
+    listen_host, listen_port = parse_host_port(listen)
+    spamd_host, spamd_port = parse_host_port(spamd)
+    if listen_port != spamd_port or listen_port == 0:
+        return
+    listen_addresses = _ip_addresses(listen_host)
+    listen_wildcard = any(address.is_unspecified for address in listen_addresses)
+    for address in _ip_addresses(spamd_host):
+        if (
+            address in listen_addresses
+            or address.is_unspecified
+            or (listen_wildcard and _is_local_address(address))
+        ):
+            raise ConfigError(
+                f"spamd address {spamd} is the proxy's own listen address {listen}: "
+                "set spamd to the address of the real spamd"
+            )
+
+
 def _peer_text(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_flow(str(peer[0]), peer[1])
@@ -160,6 +219,7 @@ class ProxyServer:
         self.flow_key = flow_key
         self.listen_host, self.listen_port = parse_host_port(config.listen)
         self.spamd_host, self.spamd_port = parse_host_port(config.spamd)
+        check_spamd_address(config.listen, config.spamd)
         self.trusted = parse_trusted(config.trusted_mta)
         self._observation_factory = observation_factory
         self._worker_count = scoring_workers
@@ -171,6 +231,7 @@ class ProxyServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._flow_failures = RateLimitedLog(logger)
+        self._spamd_failures = RateLimitedLog(logger, interval=SPAMD_ERROR_LOG_INTERVAL)
         self.dropped_jobs = 0
 
     # Lifecycle
@@ -201,6 +262,9 @@ class ProxyServer:
             _, pending = await asyncio.wait(set(self._connections), timeout=timeout)
             for task in pending:
                 task.cancel()
+            if pending:
+                # Each handler catches its cancellation, so this wait ends quickly.
+                await asyncio.wait(pending, timeout=CANCEL_TIMEOUT)
         try:
             async with asyncio.timeout(timeout):
                 await self._queue.join()
@@ -241,8 +305,17 @@ class ProxyServer:
         assert task is not None
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
+        cancelled = False
         try:
             await self._serve(reader, writer, peer)
+        except asyncio.CancelledError:
+            # Not re-raised: asyncio 3.11 logs a handler task that ends cancelled as an
+            # "Exception in callback" error with a traceback.
+            cancelled = True
+            logger.warning(
+                "peer=%s request not finished at shutdown, closing the connection",
+                _peer_text(peer),
+            )
         except ConnectionError as error:
             logger.info("peer=%s connection ended: %r", _peer_text(peer), error)
         except TimeoutError:
@@ -255,7 +328,10 @@ class ProxyServer:
             logger.exception("peer=%s request failed", _peer_text(peer))
         finally:
             self._connections.discard(task)
-            await self._close_client(writer, peer)
+            if cancelled:
+                writer.transport.abort()
+            else:
+                await self._close_client(writer, peer)
 
     @staticmethod
     async def _close_client(writer: asyncio.StreamWriter, peer: Any) -> None:
@@ -286,8 +362,11 @@ class ProxyServer:
             await self._pass_through(bytes(consumed), reader, writer, peer, str(reason), started)
             return
         except TimeoutError:
+            # Ending the input here makes spamd return its own error at once, instead of
+            # waiting for its own timeout.
             reason = f"request not complete after {self.config.client_timeout} s"
-            await self._pass_through(bytes(consumed), reader, writer, peer, reason, started)
+            consumed += await self._take_buffered(reader)
+            await self._pass_through(bytes(consumed), None, writer, peer, reason, started)
             return
         await self._scan(request, writer, peer, started)
 
@@ -333,8 +412,37 @@ class ProxyServer:
             ) from None
         consumed += body
         compressed = self._is_compressed(head)
+        if compressed or not body.endswith(b"\n"):
+            # spamd 4.0.1 reads a zlib body up to end of input, and a plain body in whole
+            # lines until it has Content-length bytes. So it reads past this body and
+            # returns its own error when more input follows. spamc half-closes after the
+            # request, so this read returns at once.
+            extra = await reader.read(PIPE_CHUNK_BYTES)
+            if extra:
+                consumed += extra
+                raise _PassThroughError(f"input continues after the {length} bytes of body")
         message = self._decompress(body) if compressed else body
         return ScanRequest(head=head, message=message, compressed=compressed, raw=bytes(consumed))
+
+    @staticmethod
+    async def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+        """Return the bytes already buffered in reader, without waiting for more.
+
+        An interrupted readuntil or readexactly leaves its partial input in reader.
+        """
+        data = bytearray()
+        while True:
+            # read() returns within its first step when reader has buffered data or is at EOF.
+            read = asyncio.ensure_future(reader.read(PIPE_CHUNK_BYTES))
+            await asyncio.sleep(0)
+            if not read.done():
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+                return bytes(data)
+            chunk = read.result()
+            if not chunk:
+                return bytes(data)
+            data += chunk
 
     @staticmethod
     async def _read_line(reader: asyncio.StreamReader, consumed: bytearray) -> bytes:
@@ -391,7 +499,7 @@ class ProxyServer:
             async with asyncio.timeout(SPAMD_CONNECT_TIMEOUT):
                 return await asyncio.open_connection(self.spamd_host, self.spamd_port)
         except (OSError, TimeoutError) as error:
-            logger.error(
+            self._spamd_failures.error(
                 "peer=%s spamd %s:%s unreachable, closing the client connection: %r",
                 _peer_text(peer), self.spamd_host, self.spamd_port, error,
             )
@@ -400,14 +508,17 @@ class ProxyServer:
     async def _pass_through(
         self,
         prefix: bytes,
-        reader: asyncio.StreamReader,
+        reader: asyncio.StreamReader | None,
         writer: asyncio.StreamWriter,
         peer: Any,
         reason: str,
         started: float,
     ) -> None:
-        """Send prefix to spamd, then copy both directions until spamd closes."""
-        method = prefix.split(b" ", 1)[0][:20].decode("ascii", errors="replace") or "-"
+        """Send prefix to spamd, then copy both directions until spamd closes.
+
+        With reader None, only prefix goes to spamd, followed by end of input.
+        """
+        method = log_text(prefix.split(b" ", 1)[0], limit=20) if prefix else "-"
         logger.debug("peer=%s forwarding unchanged: %s", _peer_text(peer), reason)
         connection = await self._open_spamd(peer)
         if connection is None:
@@ -421,19 +532,23 @@ class ProxyServer:
             upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
             spamd_writer.close()
-        logger.info(
+        # A connection without a single byte is usually a port probe, such as a
+        # readiness check.
+        level = logging.INFO if prefix else logging.DEBUG
+        logger.log(
+            level,
             "request peer=%s method=%s passed through (%s) duration=%.3f",
             _peer_text(peer), method, reason, time.monotonic() - started,
         )
 
     @staticmethod
     async def _copy_to_spamd(
-        prefix: bytes, reader: asyncio.StreamReader, spamd_writer: asyncio.StreamWriter
+        prefix: bytes, reader: asyncio.StreamReader | None, spamd_writer: asyncio.StreamWriter
     ) -> None:
         with contextlib.suppress(ConnectionError):
             spamd_writer.write(prefix)
             await spamd_writer.drain()
-            while chunk := await reader.read(PIPE_CHUNK_BYTES):
+            while reader is not None and (chunk := await reader.read(PIPE_CHUNK_BYTES)):
                 spamd_writer.write(chunk)
                 await spamd_writer.drain()
             if spamd_writer.can_write_eof():
@@ -553,6 +668,9 @@ class ProxyServer:
             )
             return verdict
         verdict.flow = identity.flow
+        if self.learner is None:
+            # Without a learner there is neither a model nor a record to use features.
+            return verdict
 
         verdict.features = await query_tap_features(
             self.config.tap_socket, identity.ip, identity.port, self.config.tap_timeout
@@ -620,12 +738,18 @@ class ProxyServer:
     async def _record(self, job: ScoringJob) -> None:
         spam = None
         code = None
-        try:
-            head = protocol.parse_response_head(job.response)
-            code = head.code
-            spam = head.spam()
-        except protocol.SpamdProtocolError as error:
-            logger.warning("peer=%s spamd response not parsed: %s", job.peer, error)
+        if not job.response:
+            logger.warning(
+                "peer=%s method=%s spamd closed the connection without a response",
+                job.peer, job.method,
+            )
+        else:
+            try:
+                head = protocol.parse_response_head(job.response)
+                code = head.code
+                spam = head.spam()
+            except protocol.SpamdProtocolError as error:
+                logger.warning("peer=%s spamd response not parsed: %s", job.peer, error)
 
         base_score = None
         if spam is not None and code == protocol.SpamdExitCode.EX_OK and job.verdict_removed:
@@ -694,6 +818,12 @@ class ProxyServer:
                 response = await self._read_head(spamd_reader)
         finally:
             spamd_writer.close()
+        if not response:
+            logger.warning(
+                "peer=%s CHECK without verdict: spamd closed the connection without a response",
+                job.peer,
+            )
+            return None
         head = protocol.parse_response_head(response)
         spam = head.spam()
         if head.code != protocol.SpamdExitCode.EX_OK or spam is None:

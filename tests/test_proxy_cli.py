@@ -161,3 +161,39 @@ def test_proxy_command_bad_learn_config(tmp_path):
     )
     assert result.returncode == 2
     assert "invalid learn.model_kind 'oracle'" in result.stderr.decode()
+
+
+def test_proxy_command_rejects_own_address(tmp_path):
+    port = pick_free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "spamflow", "proxy", "--listen", f"0.0.0.0:{port}",
+         "--spamd", f"127.0.0.1:{port}", "--db", str(tmp_path / "examples.sqlite")],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "is the proxy's own listen address" in result.stderr.decode()
+    assert not (tmp_path / "examples.sqlite").exists()
+
+
+def test_policy_stop_with_idle_connection_quiet():
+    port = pick_free_port()
+    process = _start("policy", "--listen", f"127.0.0.1:{port}")
+    try:
+        with _connect(port, process) as connection:
+            # A kept-alive connection after one request, as Postfix leaves it.
+            connection.sendall(REQUEST)
+            reply = connection.recv(4096)
+            started = time.monotonic()
+            returncode, stderr = _stop(process)
+            elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert reply.startswith(b"action=PREPEND ")
+    assert returncode == 0
+    assert "Traceback" not in stderr
+    assert " ERROR " not in stderr
+    assert elapsed < 10

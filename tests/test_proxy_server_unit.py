@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import zlib
 from dataclasses import dataclass, field
 
 import pytest
 
-from spamflow.config import ProxyConfig
+from spamflow.config import ConfigError, ProxyConfig
 from spamflow.proxy.flowid import make_flow_header_value
-from spamflow.proxy.server import ProxyServer
+from spamflow.proxy.server import ProxyServer, check_spamd_address
 
 KEY = b"unit-test-key"
 FLOW_IP = "10.77.1.2"
@@ -427,14 +428,13 @@ async def test_client_timeout_forwards_partial(spamd, tap, learner):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.listen_port)
         writer.write(b"CHECK SPAMC/1.5\r\nContent-length: 50\r\n\r\nabc")
         await writer.drain()
-        await asyncio.sleep(0.6)
-        writer.write(b"def")
-        writer.write_eof()
+        # The client neither sends more nor half-closes. The fake spamd replies only at
+        # end of input, so a response shows that the proxy half-closed towards spamd.
         response = await asyncio.wait_for(reader.read(), 5)
         writer.close()
     finally:
         await server.shutdown(timeout=5)
-    assert spamd.requests == [b"CHECK SPAMC/1.5\r\nContent-length: 50\r\n\r\nabcdef"]
+    assert spamd.requests == [b"CHECK SPAMC/1.5\r\nContent-length: 50\r\n\r\nabc"]
     assert response == spamd.fixed_response
 
 
@@ -634,3 +634,170 @@ async def test_stalled_client_connection_aborted(spamd, tap, learner, monkeypatc
     finally:
         await server.shutdown(timeout=5)
     assert handlers == []
+
+
+async def test_input_after_body_forwarded_unchanged(proxy, spamd):
+    message = _message(None)
+    # The declared body ends inside a header line, and the rest of the message follows.
+    request = b"CHECK SPAMC/1.5\r\nContent-length: 10\r\n\r\n" + message
+    await _send(proxy.listen_port, request)
+    await _drain(proxy)
+    assert spamd.requests == [request]
+
+
+async def test_input_after_line_end_scanned(proxy, spamd):
+    message = _message(None)
+    first_line = message.partition(b"\n")[0] + b"\n"
+    # spamd stops at a line end that matches Content-length, and so does the proxy.
+    request = b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(first_line) + message
+    await _send(proxy.listen_port, request)
+    await _drain(proxy)
+    head = b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(first_line)
+    assert spamd.requests == [head + first_line]
+
+
+async def test_input_after_zlib_body_forwarded(proxy, spamd):
+    compressed = zlib.compress(_message(None))
+    request = (
+        b"CHECK SPAMC/1.5\r\nCompress: zlib\r\nContent-length: %d\r\n\r\n" % len(compressed)
+        + compressed + b"trailing"
+    )
+    await _send(proxy.listen_port, request)
+    await _drain(proxy)
+    assert spamd.requests == [request]
+
+
+async def test_client_timeout_keeps_partial_line(spamd, tap, learner):
+    server = await _start_proxy(spamd, tap, learner, client_timeout=0.3)
+    try:
+        spamd.fixed_response = b"SPAMD/1.0 76 Bad header line: (test)\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.listen_port)
+        writer.write(b"CHECK SPAMC/1.5\r\nContent-le")
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await server.shutdown(timeout=5)
+    assert spamd.requests == [b"CHECK SPAMC/1.5\r\nContent-le"]
+    assert response == spamd.fixed_response
+
+
+async def test_method_logged_escaped(proxy, spamd, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.server")
+    await _send(proxy.listen_port, b"\x1b[2J\rX\x00 SPAMC/1.5\r\n\r\n")
+    await _drain(proxy)
+    lines = [
+        record.getMessage() for record in caplog.records
+        if "passed through" in record.getMessage()
+    ]
+    assert len(lines) == 1
+    assert "method='\\x1b[2J\\rX\\x00'" in lines[0]
+    assert "\x1b" not in lines[0]
+    assert "\r" not in lines[0]
+
+
+async def test_empty_connection_logged_debug(proxy, spamd, caplog):
+    caplog.set_level(logging.DEBUG, logger="spamflow.proxy.server")
+    await _send(proxy.listen_port, b"")
+    await _drain(proxy)
+    records = [record for record in caplog.records if "passed through" in record.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.DEBUG
+    assert spamd.requests == [b""]
+
+
+def _asyncio_errors(caplog) -> list[logging.LogRecord]:
+    return [
+        record for record in caplog.records
+        if record.name == "asyncio" and record.levelno >= logging.ERROR
+    ]
+
+
+async def test_shutdown_with_open_connection_quiet(spamd, tap, learner, caplog):
+    server = await _start_proxy(spamd, tap, learner, client_timeout=60.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.listen_port)
+    writer.write(b"CHECK SPAMC/1.5\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await server.shutdown(timeout=0.2)
+    elapsed = time.monotonic() - started
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    # Let the loop run the done callbacks of the cancelled handler tasks.
+    await asyncio.sleep(0.1)
+    assert response == b""
+    assert elapsed < 3
+    assert _asyncio_errors(caplog) == []
+    assert _connection_handlers() == []
+
+
+async def test_spamd_closed_without_response_logged(proxy, spamd, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.server")
+    spamd.fixed_response = b""
+    response = await _send(proxy.listen_port, _request("CHECK", _message(None)))
+    await _drain(proxy)
+    messages = [record.getMessage() for record in caplog.records]
+    assert response == b""
+    assert any("spamd closed the connection without a response" in m for m in messages)
+    assert not any("not parsed" in m for m in messages)
+
+
+async def test_spamd_unreachable_log_rate_limited(spamd, tap, learner, caplog):
+    await spamd.close()
+    server = await _start_proxy(spamd, tap, learner)
+    try:
+        for _ in range(3):
+            await _send(server.listen_port, b"PING SPAMC/1.5\r\n\r\n")
+    finally:
+        await server.shutdown(timeout=5)
+    lines = [record for record in caplog.records if "unreachable" in record.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.ERROR
+
+
+async def test_no_learner_skips_tap(spamd, tap):
+    server = await _start_proxy(spamd, tap, None)
+    try:
+        response = await _send(server.listen_port, _request("CHECK", _signed_message()))
+        await _drain(server)
+    finally:
+        await server.shutdown(timeout=5)
+    assert response.startswith(b"SPAMD/1.1 0 EX_OK\r\n")
+    assert tap.queries == []
+
+
+@pytest.mark.parametrize(
+    ("listen", "spamd_address"),
+    [
+        ("127.0.0.1:24850", "127.0.0.1:24850"),
+        ("127.0.0.1:24850", "localhost:24850"),
+        ("0.0.0.0:24850", "127.0.0.1:24850"),
+        ("0.0.0.0:24850", "127.0.0.2:24850"),
+        ("[::]:24850", "127.0.0.1:24850"),
+        ("[::1]:24850", "[::1]:24850"),
+        ("127.0.0.1:24850", "0.0.0.0:24850"),
+    ],
+)
+def test_spamd_address_own_listen_rejected(listen, spamd_address):
+    with pytest.raises(ConfigError, match="own listen address"):
+        check_spamd_address(listen, spamd_address)
+
+
+@pytest.mark.parametrize(
+    ("listen", "spamd_address"),
+    [
+        ("127.0.0.1:24850", "127.0.0.1:783"),
+        ("127.0.0.1:24850", "127.0.0.2:24850"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("0.0.0.0:24850", "192.0.2.1:24850"),
+    ],
+)
+def test_spamd_address_other_accepted(listen, spamd_address):
+    check_spamd_address(listen, spamd_address)
+
+
+def test_proxy_server_rejects_own_address():
+    config = ProxyConfig(listen="127.0.0.1:24850", spamd="127.0.0.1:24850")
+    with pytest.raises(ConfigError):
+        ProxyServer(config)

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -193,6 +194,56 @@ def test_malformed_same_spamd_answer(spamd, plain_proxy, name):
     direct = _raw(spamd.port, MALFORMED[name])
     proxied = _raw(plain_proxy.port, MALFORMED[name])
     assert _status_and_spam(proxied) == _status_and_spam(direct)
+
+
+def _raw_open(port: int, request: bytes) -> bytes:
+    """Send request without half-closing, then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# The declared body ends inside the second line, so spamd reads on to that line's end.
+SHORT_CONTENT_LENGTH = b"CHECK SPAMC/1.5\r\nContent-length: 100\r\n\r\n" + MESSAGE
+
+
+def test_short_content_length_spamd_error(spamd, plain_proxy):
+    direct = _raw(spamd.port, SHORT_CONTENT_LENGTH)
+    proxied = _raw(plain_proxy.port, SHORT_CONTENT_LENGTH)
+    assert direct.startswith(b"SPAMD/1.0 76 Bad header line: (Content-Length mismatch: ")
+    assert proxied == direct
+
+
+def test_short_content_length_open_connection(spamd, plain_proxy):
+    direct = _raw_open(spamd.port, SHORT_CONTENT_LENGTH)
+    proxied = _raw_open(plain_proxy.port, SHORT_CONTENT_LENGTH)
+    assert direct.startswith(b"SPAMD/1.0 76 Bad header line: (Content-Length mismatch: ")
+    assert proxied == direct
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [b"CHECK SPAMC/1.5\r\n", b"CHECK SPAMC/1.5\r\nContent-length: 50\r\n\r\nabc"],
+    ids=["head", "body"],
+)
+def test_stalled_client_gets_spamd_error(spamd, partial):
+    config = ProxyConfig(
+        listen="127.0.0.1:0", spamd=spamd.address, trusted_mta=[], client_timeout=0.5
+    )
+    proxy = ProxyThread(config)
+    try:
+        started = time.monotonic()
+        proxied = _raw_open(proxy.port, partial)
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.stop()
+    direct = _raw(spamd.port, partial)
+    assert direct.startswith(b"SPAMD/1.0 76 Bad header line: ")
+    assert proxied == direct
+    assert elapsed < 15
 
 
 def test_malformed_error_codes(spamd, plain_proxy):
