@@ -6,8 +6,10 @@ Many requests may share one connection. Intended for::
 
     smtpd_data_restrictions = check_policy_service inet:127.0.0.1:10040
 
-where Postfix sends one request per message, so each message gets one header. Every request
-that lacks client_address or client_port, or is malformed, gets ``action=DUNNO``.
+where Postfix sends one request per message, so each message gets one header. Only a
+request with ``protocol_state=DATA`` gets PREPEND. Every other request, including one from
+smtpd_recipient_restrictions (which Postfix sends once per recipient), one that lacks
+client_address or client_port, and a malformed one, gets ``action=DUNNO``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import contextlib
 import ipaddress
 import logging
 import signal
+from typing import Any
 
+from spamflow.nfqueue_tap.protocol import format_flow
 from spamflow.proxy.flowid import FLOW_HEADER, make_flow_header_value
+from spamflow.proxy.logtext import log_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,10 @@ MAX_ATTRIBUTES = 256
 # Seconds an idle connection may stay open between requests. Postfix closes idle
 # policy connections after smtpd_policy_service_max_idle (300 s by default).
 IDLE_TIMEOUT = 600.0
+# Seconds that closing one connection, and shutdown as a whole, may take.
+CLOSE_TIMEOUT = 5.0
+# The only Postfix protocol_state in which PREPEND adds one header per message.
+PREPEND_STATE = "DATA"
 
 DUNNO = "DUNNO"
 
@@ -56,8 +65,14 @@ def parse_attribute_lines(lines: list[bytes]) -> dict[str, str]:
 
 
 def decide_action(attributes: dict[str, str], key: bytes | None) -> str:
-    """Return the action for one request: PREPEND of the flow header, or DUNNO."""
+    """Return the action for one request: PREPEND of the flow header, or DUNNO.
+
+    PREPEND needs protocol_state DATA, because in an earlier state such as RCPT Postfix
+    sends one request per recipient and each PREPEND adds another header.
+    """
     if attributes.get("request") != "smtpd_access_policy":
+        return DUNNO
+    if attributes.get("protocol_state") != PREPEND_STATE:
         return DUNNO
     address = attributes.get("client_address", "")
     port_text = attributes.get("client_port", "")
@@ -79,6 +94,8 @@ class PolicyServer:
         self.port = port
         self.key = key
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._state_warned = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -89,15 +106,28 @@ class PolicyServer:
         logger.info("policy service listening on %s:%s", self.host, self.port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            logger.info("policy service stopped")
+        """Stop accepting, close open connections and wait at most CLOSE_TIMEOUT for them."""
+        if self._server is None:
+            return
+        self._server.close()
+        # Postfix keeps idle policy connections open, and the service replies to each
+        # request at once, so ending the connection handlers loses no reply.
+        for task in self._connections:
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=CLOSE_TIMEOUT)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._server.wait_closed()
+        logger.info("policy service stopped")
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        peer = writer.get_extra_info("peername")
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = _peer_text(writer.get_extra_info("peername"))
         try:
             while True:
                 lines = await self._read_request(reader, peer)
@@ -105,17 +135,24 @@ class PolicyServer:
                     break
                 writer.write(self._answer(lines, peer).encode("utf-8"))
                 await writer.drain()
+        except asyncio.CancelledError:
+            # Not re-raised: asyncio 3.11 logs a handler task that ends cancelled as an
+            # "Exception in callback" error with a traceback.
+            logger.debug("peer=%s policy connection closed at shutdown", peer)
+            writer.transport.abort()
         except (ConnectionError, TimeoutError) as error:
-            logger.info("policy connection from %s ended: %s", peer, error)
+            logger.info("peer=%s policy connection ended: %r", peer, error)
         except Exception:
-            logger.exception("policy connection from %s failed", peer)
+            logger.exception("peer=%s policy connection failed", peer)
         finally:
+            self._connections.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await writer.wait_closed()
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, peer: object
+        self, reader: asyncio.StreamReader, peer: str
     ) -> list[bytes] | None:
         """Read lines up to the empty line. Returns None at EOF before a full request.
 
@@ -127,12 +164,12 @@ class PolicyServer:
             async with asyncio.timeout(IDLE_TIMEOUT):
                 line, overlong = await self._read_line(reader)
             if overlong:
-                logger.warning("policy request from %s has an over-long line", peer)
+                logger.warning("peer=%s policy request has an over-long line", peer)
                 lines.append(b"")
                 continue
             if not line.endswith(b"\n"):
                 if line or lines:
-                    logger.warning("policy client %s closed mid-request", peer)
+                    logger.warning("peer=%s policy client closed mid-request", peer)
                 return None
             line = line.rstrip(b"\r\n")
             if not line:
@@ -154,24 +191,53 @@ class PolicyServer:
                 continue
             return (b"\n" if overlong else line), overlong
 
-    def _answer(self, lines: list[bytes], peer: object) -> str:
+    def _answer(self, lines: list[bytes], peer: str) -> str:
         try:
             attributes = parse_attribute_lines(lines)
         except PolicyRequestError as error:
             logger.warning(
-                "malformed policy request from %s (%s), replying action=DUNNO", peer, error
+                "peer=%s malformed policy request (%s), replying action=DUNNO", peer, error
             )
             return f"action={DUNNO}\n\n"
         action = decide_action(attributes, self.key)
+        state = attributes.get("protocol_state", "")
+        if (
+            attributes.get("request") == "smtpd_access_policy"
+            and state != PREPEND_STATE
+            and not self._state_warned
+        ):
+            self._state_warned = True
+            logger.warning(
+                "peer=%s policy request in protocol_state=%s gets DUNNO: the flow header is "
+                "added only in protocol_state=DATA, so list the service in main.cf as "
+                "smtpd_data_restrictions = check_policy_service inet:HOST:PORT "
+                "(this warning is logged once)",
+                peer, log_text(state),
+            )
         logger.info(
-            "policy queue_id=%s client=%s:%s state=%s action=%s",
-            attributes.get("queue_id", "-") or "-",
-            attributes.get("client_address", "-"),
-            attributes.get("client_port", "-"),
-            attributes.get("protocol_state", "-"),
+            "policy queue_id=%s client=%s state=%s action=%s",
+            log_text(attributes.get("queue_id", "") or "-"),
+            _client_text(attributes),
+            log_text(state or "-"),
             action,
         )
         return f"action={action}\n\n"
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return format_flow(str(peer[0]), peer[1])
+    return log_text(str(peer))
+
+
+def _client_text(attributes: dict[str, str]) -> str:
+    """Return the request's client as IP:PORT, or its escaped raw values when invalid."""
+    address = attributes.get("client_address", "")
+    port = attributes.get("client_port", "")
+    try:
+        return format_flow(str(ipaddress.ip_address(address)), int(port))
+    except ValueError:
+        return f"{log_text(address or '-')}:{log_text(port or '-')}"
 
 
 async def serve_policy(host: str, port: int, key: bytes | None) -> None:

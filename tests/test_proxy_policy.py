@@ -163,7 +163,10 @@ def test_decide_action_invalid_port(port):
 
 def test_decide_action_ipv6():
     attributes = {
-        "request": "smtpd_access_policy", "client_address": "2001:db8::7", "client_port": "587"
+        "request": "smtpd_access_policy",
+        "protocol_state": "DATA",
+        "client_address": "2001:db8::7",
+        "client_port": "587",
     }
     assert decide_action(attributes, None) == "PREPEND X-Spamflow-Flow: [2001:db8::7]:587"
 
@@ -175,3 +178,75 @@ def test_parse_attribute_value_with_equals():
 def test_parse_attribute_no_name():
     with pytest.raises(PolicyRequestError):
         parse_attribute_lines([b"=value"])
+
+
+@pytest.mark.parametrize("state", ["RCPT", "CONNECT", "END-OF-MESSAGE", "", None])
+def test_decide_action_outside_data_dunno(state):
+    attributes = {
+        "request": "smtpd_access_policy", "client_address": "10.0.0.1", "client_port": "5"
+    }
+    if state is not None:
+        attributes["protocol_state"] = state
+    assert decide_action(attributes, None) == "DUNNO"
+
+
+async def test_rcpt_state_dunno_warned_once(policy_server, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.policy")
+    rcpt_request = POSTFIX_REQUEST.replace(b"protocol_state=DATA", b"protocol_state=RCPT")
+    answers = await _exchange(policy_server, rcpt_request * 3, 3)
+    warnings = [
+        r.getMessage() for r in caplog.records
+        if r.levelno == logging.WARNING and "protocol_state=RCPT" in r.getMessage()
+    ]
+    assert answers == [b"action=DUNNO\n\n"] * 3
+    assert len(warnings) == 1
+    assert "smtpd_data_restrictions" in warnings[0]
+
+
+async def test_logs_ipv6_client_bracketed(policy_server, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.policy")
+    request = POSTFIX_REQUEST.replace(b"client_address=10.77.1.2", b"client_address=2001:db8::7")
+    (answer,) = await _exchange(policy_server, request, 1)
+    lines = [r.getMessage() for r in caplog.records if "queue_id=" in r.getMessage()]
+    assert answer.startswith(b"action=PREPEND X-Spamflow-Flow: [2001:db8::7]:40211; t=")
+    assert len(lines) == 1
+    assert "client=[2001:db8::7]:40211 " in lines[0]
+
+
+async def test_logs_peer_as_address_port(policy_server, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.policy")
+    await _exchange(policy_server, b"no equals sign\n\n", 1)
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("peer=127.0.0.1:")
+    assert "('127.0.0.1'" not in lines[0]
+
+
+async def test_logs_attribute_values_escaped(policy_server, caplog):
+    caplog.set_level(logging.INFO, logger="spamflow.proxy.policy")
+    request = POSTFIX_REQUEST.replace(
+        b"queue_id=4Bq1x95Rz6z9sPc", b"queue_id=\x1b[2J\rfake action=OK"
+    )
+    await _exchange(policy_server, request, 1)
+    lines = [r.getMessage() for r in caplog.records if "queue_id=" in r.getMessage()]
+    assert len(lines) == 1
+    assert "queue_id='\\x1b[2J\\rfake action=OK'" in lines[0]
+    assert "\x1b" not in lines[0]
+    assert "\r" not in lines[0]
+
+
+async def test_close_with_idle_connection_quiet(caplog):
+    server = PolicyServer("127.0.0.1", 0, KEY)
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(POSTFIX_REQUEST)
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+    await asyncio.wait_for(server.close(), 10)
+    end = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    # Let the loop run the done callbacks of the ended handler tasks.
+    await asyncio.sleep(0.1)
+    errors = [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert end == b""
+    assert errors == []
