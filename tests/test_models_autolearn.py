@@ -225,6 +225,8 @@ def test_reload_after_spamflow_train(store: ExampleStore, tmp_path: Path) -> Non
     assert learner.model is None
     assert learner.reload_if_changed() is False
 
+    # train creates no directories for an explicit --model.
+    learner.model_path.parent.mkdir(mode=0o700, exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "spamflow", "train", "--db", str(store.path),
          "--model", str(learner.model_path), "--kind", "tree", "--min-examples", "5"],
