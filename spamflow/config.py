@@ -162,7 +162,9 @@ def _check_range(section: Any, table: str, key: str, origin: str) -> None:
     value = getattr(section, key)
     expected = check(value)
     if expected is not None:
-        raise ConfigError(f"invalid {table}.{key} {value!r} {origin}: expected {expected}")
+        raise ConfigError(
+            f"invalid {table}.{key} {_format_value(value)} {origin}: expected {expected}"
+        )
 
 
 def _table_name(section: Any) -> str:
@@ -194,8 +196,15 @@ def _checked_type(value: Any, annotation: Any, name: str, origin: str) -> Any:
             return float(value)
         return value
     raise ConfigError(
-        f"invalid {name} {value!r} {origin}: expected {_describe(annotation)}"
+        f"invalid {name} {_format_value(value)} {origin}: expected {_describe(annotation)}"
     )
+
+
+def _format_value(value: Any) -> str:
+    """Format a value for an error message, with booleans spelled as in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 def _accepts(annotation: Any, kind: type) -> bool:

@@ -60,7 +60,7 @@ def test_valid_file_is_read(tmp_path):
             "[proxy]\nflow_key_file = 5",
             "invalid proxy.flow_key_file 5 in {path}: expected a string",
         ),
-        ("[tap]\nqueue = true", "invalid tap.queue True in {path}: expected an integer"),
+        ("[tap]\nqueue = true", "invalid tap.queue true in {path}: expected an integer"),
         ("[tap]\nmax_flows = 1.5", "invalid tap.max_flows 1.5 in {path}: expected an integer"),
         (
             '[proxy]\ntap_timeout = "1"',
@@ -68,7 +68,7 @@ def test_valid_file_is_read(tmp_path):
         ),
         (
             "[proxy]\ntap_timeout = true",
-            "invalid proxy.tap_timeout True in {path}: expected a number",
+            "invalid proxy.tap_timeout true in {path}: expected a number",
         ),
         (
             '[proxy]\ntrusted_mta = ["127.0.0.1", 3]',
@@ -143,7 +143,7 @@ def test_invalid_file_value_raises(tmp_path, text, message):
         ("proxy", {"listen": "nonsense"}, "invalid proxy.listen 'nonsense' from option --listen"),
         (
             "tap", {"queue": True},
-            "invalid tap.queue True from option --queue: expected an integer",
+            "invalid tap.queue true from option --queue: expected an integer",
         ),
         ("tap", {"queue": -1}, "invalid tap.queue -1 from option --queue"),
         ("policy", {"listen": "1.2.3.4:70000"}, "invalid policy.listen '1.2.3.4:70000'"),
