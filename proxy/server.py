@@ -47,6 +47,9 @@ SPAMD_HEADER_SPELLING = {
     b"compress": b"Compress",
     b"user": b"User",
 }
+# spamd 4.0.1's default --timeout-child, in seconds. A spamd_timeout at or below it
+# ends slow scans before spamd can return its own "79 Timeout" error.
+SPAMD_CHILD_TIMEOUT = 300.0
 # Seconds to wait for a TCP connection to spamd.
 SPAMD_CONNECT_TIMEOUT = 10.0
 # Seconds between checks for a retrained model file.
@@ -252,6 +255,13 @@ class ProxyServer:
             "proxy listening on %s:%s, spamd %s:%s",
             self.listen_host, self.listen_port, self.spamd_host, self.spamd_port,
         )
+        if self.config.spamd_timeout <= SPAMD_CHILD_TIMEOUT:
+            logger.warning(
+                "spamd_timeout %s s is not above spamd's default --timeout-child of %s s: "
+                "a slow scan ends with an empty response instead of spamd's timeout error, "
+                "so set spamd_timeout above spamd's --timeout-child",
+                self.config.spamd_timeout, SPAMD_CHILD_TIMEOUT,
+            )
 
     async def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Stop accepting, let in-flight requests and queued scoring finish, then stop."""

@@ -801,3 +801,12 @@ def test_proxy_server_rejects_own_address():
     config = ProxyConfig(listen="127.0.0.1:24850", spamd="127.0.0.1:24850")
     with pytest.raises(ConfigError):
         ProxyServer(config)
+
+
+@pytest.mark.parametrize(("spamd_timeout", "warned"), [(300.0, True), (5.0, True), (330.0, False)])
+async def test_short_spamd_timeout_warned(spamd, tap, learner, caplog, spamd_timeout, warned):
+    caplog.set_level(logging.WARNING, logger="spamflow.proxy.server")
+    server = await _start_proxy(spamd, tap, learner, spamd_timeout=spamd_timeout)
+    await server.shutdown(timeout=5)
+    warnings = [r for r in caplog.records if "--timeout-child" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
