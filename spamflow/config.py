@@ -41,8 +41,9 @@ class ProxyConfig:
     max_message_size: int = 10 * 1024 * 1024
     # Seconds a client may take to send its whole request.
     client_timeout: float = 30.0
-    # Seconds spamd may take to answer one request.
-    spamd_timeout: float = 300.0
+    # Seconds spamd may take to answer one request. It exceeds spamd's own 300 s child
+    # timeout (spamd 4.0.1 default), so a client gets spamd's timeout reply, not ours.
+    spamd_timeout: float = 330.0
     db: str = "/var/lib/spamflow/examples.sqlite"
     model: str = "/var/lib/spamflow/model.joblib"
 

@@ -408,3 +408,20 @@ def test_sender_log_has_module_name():
     assert result.returncode == 0, result.stderr
     assert "spamflow.replay.sender: sent 0 jobs" in result.stderr
     assert "__main__" not in result.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("options, message", [
+    (["--min-examples", "0"], "learn.min_examples_per_class 0"),
+    (["--retrain-every", "0"], "learn.retrain_every 0"),
+    (["--spam-threshold", "1", "--ham-threshold", "2"], "learn.ham_threshold 2.0"),
+])
+def test_demo_rejects_learning_options(options, message, tmp_path, capsys):
+    from spamflow.cli import main
+
+    run_dir = tmp_path / "run"
+    status = main(["demo", "--run-dir", str(run_dir), "--no-progress", *options])
+
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from spamflow.config import ConfigError, LearnConfig
+from spamflow.config import ConfigError, LearnConfig, validate_section
 from spamflow.models.cli import KIND_CHOICES
 from spamflow.replay.netns import DEFAULT_PREFIX, check_prefix
 
@@ -133,6 +133,9 @@ def _run_demo(args: argparse.Namespace) -> int:
                                 model_kind=args.model_kind,
                                 retrain_every=args.retrain_every,
                                 min_examples_per_class=args.min_examples))
+    # The daemons load the same checks from the run's config file, so a bad value would
+    # otherwise surface only after the whole testbed has started.
+    validate_section(request.learn, "from the command line")
     try:
         summary = run_replay(request)
     except (CorpusError, TestbedBusyError) as error:
