@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from spamflow.replay.spamd import (
     SpamdInstance,
     SpamdStartError,
@@ -17,7 +18,7 @@ from spamflow.replay.spamd import (
     send_request,
 )
 
-FIXTURES = Path("/work/shared/data/spamassassin-fixtures/messages")
+FIXTURES = SHARED_DATA / "spamassassin-fixtures" / "messages"
 GTUBE = FIXTURES / "spam" / "gtube.eml"
 
 HAM_WITH_VERDICT = (

@@ -16,12 +16,13 @@ from scapy.layers.l2 import CookedLinux, Dot1Q, Ether
 from scapy.packet import Raw
 from scapy.utils import rdpcap, wrpcap, wrpcapng
 
+from conftest import SHARED_DATA
 from spamflow.config import ConfigError
 from spamflow.nfqueue_tap import cli
 from spamflow.nfqueue_tap.pcap import CaptureFormatError, capture_flows, read_capture
 from spamflow.nfqueue_tap.schema import FEATURE_NAMES, MISSING
 
-PCAPS = Path("/work/shared/data/pcaps")
+PCAPS = SHARED_DATA / "pcaps"
 # Wireshark's smtp.pcap sample: 10.10.1.4:1470 sends one mail to 74.53.140.153:25.
 WIRESHARK_SMTP = PCAPS / "suricata-verify/bug-3616-smtp/input.pcap"
 # Merged trace: the session above plus a second port-25 flow and flows on other ports.
