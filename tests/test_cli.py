@@ -59,7 +59,7 @@ def test_no_config_is_none():
         ("tap", "(config: tap.server_port, default: 25)"),
         ("tap", "(config: tap.linger, default: 600.0)"),
         ("train", "(config: proxy.model, default: /var/lib/spamflow/model.joblib)"),
-        ("train", "(config: learn.model_kind, default: nb)"),
+        ("train", "(config: learn.model_kind, default: tree)"),
         ("train", "(config: learn.min_examples_per_class, default: 10)"),
         ("train", "(config: learn.max_training_examples, default: 5000)"),
     ],

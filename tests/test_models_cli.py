@@ -106,7 +106,7 @@ def test_train_creates_configured_directory(tmp_path: Path) -> None:
     result = run_spamflow(config=config)
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(model_path.parent.stat().st_mode) == 0o700
-    assert load_model(model_path).name == "nb-20"
+    assert load_model(model_path).name == "tree-20"
 
 
 def test_train_config_after_command(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_train_config_after_command(tmp_path: Path) -> None:
     config.write_text(f'[proxy]\ndb = "{db}"\nmodel = "{model_path}"\n')
     result = run_spamflow("-c", str(config))
     assert result.returncode == 0, result.stderr
-    assert load_model(model_path).name == "nb-20"
+    assert load_model(model_path).name == "tree-20"
 
 
 def test_train_missing_store(tmp_path: Path) -> None:
