@@ -425,3 +425,16 @@ def test_demo_rejects_learning_options(options, message, tmp_path, capsys):
     assert status == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("returncode, text", [
+    (0, "exited with status 0"),
+    (3, "exited with status 3"),
+    (-9, "was killed by signal 9 (SIGKILL)"),
+    (-15, "was killed by signal 15 (SIGTERM)"),
+    (-200, "was killed by signal 200"),
+])
+def test_describe_exit(returncode, text):
+    from spamflow.replay.daemons import describe_exit
+
+    assert describe_exit(returncode) == text

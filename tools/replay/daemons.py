@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,18 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0
 
+
+
+def describe_exit(returncode: int) -> str:
+    """Describe how a child process ended, from its Popen return code."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"was killed by signal {number}"
+    return f"was killed by signal {number} ({name})"
 
 class DaemonError(RuntimeError):
     """A daemon exited early or did not become ready in time."""
@@ -58,8 +71,8 @@ class Daemon:
             return
         if self.process is not None and self.process.poll() is not None:
             raise DaemonError(
-                f"{self.name} (pid {self.process.pid}) exited with status "
-                f"{self.process.returncode}, log {self.log_path}\n{self.log_tail()}"
+                f"{self.name} (pid {self.process.pid}) {describe_exit(self.process.returncode)}"
+                f", log {self.log_path}\n{self.log_tail()}"
             )
 
     def wait_until(self, ready: object, timeout: float, what: str) -> None:

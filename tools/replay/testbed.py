@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from spamflow.config import LearnConfig, parse_host_port
-from spamflow.replay.daemons import Daemon, DaemonError
+from spamflow.replay.daemons import Daemon, DaemonError, describe_exit
 from spamflow.replay.netns import (DEFAULT_PREFIX, HAM_PROFILE, SPAM_PROFILE, PathProfile,
                                    Topology, netns_exec, run, stop_process, wait_for_port)
 from spamflow.replay.postfix import DEFAULT_DOMAIN, PostfixInstance
@@ -268,8 +268,8 @@ class Testbed:
                 process = path.delay_process
                 if process is not None and process.poll() is not None:
                     raise DaemonError(
-                        f"delay stage of the {path.name} path (pid {process.pid}) exited "
-                        f"with status {process.returncode}, log "
+                        f"delay stage of the {path.name} path (pid {process.pid}) "
+                        f"{describe_exit(process.returncode)}, log "
                         f"{self.topology.delay_log_path(path.name)}"
                     )
 
