@@ -79,6 +79,12 @@ def register(subparsers: Any) -> None:
         metavar="BYTES",
         help="maximum message size to rewrite; larger messages pass to spamd unchanged",
     )
+    proxy.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="address to serve Prometheus metrics on at /metrics",
+    )
     proxy.set_defaults(func=run_proxy)
 
     policy = subparsers.add_parser(
@@ -126,6 +132,7 @@ def run_proxy(args: argparse.Namespace) -> int:
             "db": args.db,
             "model": args.model,
             "max_message_size": args.max_message_size,
+            "metrics_listen": args.metrics_listen,
         },
     )
     check_spamd_address(config.proxy.listen, config.proxy.spamd)

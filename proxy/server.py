@@ -31,8 +31,10 @@ from spamflow.proxy import message as message_headers
 from spamflow.proxy import spamd_protocol as protocol
 from spamflow.proxy.flowid import FLOW_HEADER, FlowIdError, verify_flow_header_value
 from spamflow.proxy.logtext import log_text
+from spamflow.proxy.metrics import MetricsServer
 from spamflow.proxy.ratelimit import RateLimitedLog
-from spamflow.proxy.tapclient import query_tap_features
+from spamflow.proxy.server_metrics import ProxyMetrics, method_label
+from spamflow.proxy.tapclient import query_tap
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,14 @@ class LearnerLike(Protocol):
 
 
 class _PassThroughError(Exception):
-    """A request that the proxy forwards unchanged, with the reason as message."""
+    """A request that the proxy forwards unchanged, with the reason as message.
+
+    reason is the request's label in server_metrics.PASSTHROUGH_REASONS.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -236,6 +245,12 @@ class ProxyServer:
         self._flow_failures = RateLimitedLog(logger)
         self._spamd_failures = RateLimitedLog(logger, interval=SPAMD_ERROR_LOG_INTERVAL)
         self.dropped_jobs = 0
+        self.metrics = ProxyMetrics(
+            active_connections=lambda: len(self._connections),
+            scoring_queue_size=self._queue.qsize,
+            model_examples=self._model_examples,
+        )
+        self._metrics_server: MetricsServer | None = None
 
     # Lifecycle
 
@@ -247,6 +262,15 @@ class ProxyServer:
             limit=protocol.MAX_REQUEST_HEAD_BYTES,
         )
         self.listen_port = self._server.sockets[0].getsockname()[1]
+        if self.config.metrics_listen is not None:
+            host, port = parse_host_port(self.config.metrics_listen)
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port)
+            try:
+                await self._metrics_server.start()
+            except OSError:
+                self._server.close()
+                await self._server.wait_closed()
+                raise
         for _ in range(self._worker_count):
             self._background.append(asyncio.create_task(self._scoring_worker()))
         if self.learner is not None:
@@ -285,6 +309,8 @@ class ProxyServer:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         logger.info("proxy stopped")
 
     async def wait_idle(self, timeout: float) -> None:
@@ -296,6 +322,17 @@ class ProxyServer:
             while self._connections:
                 await asyncio.wait(set(self._connections))
             await self._queue.join()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the metrics endpoint, or None when metrics_listen is not set."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    def _model_examples(self) -> int:
+        model = self.learner.model if self.learner is not None else None
+        if model is None:
+            return 0
+        return int(getattr(model, "n_examples", 0))
 
     async def _reload_models(self) -> None:
         assert self.learner is not None
@@ -329,6 +366,7 @@ class ProxyServer:
         except ConnectionError as error:
             logger.info("peer=%s connection ended: %r", _peer_text(peer), error)
         except TimeoutError:
+            self.metrics.spamd_errors.inc("timeout")
             logger.warning(
                 "peer=%s exchange with spamd not finished within %s s (spamd or the client "
                 "stalled), closing the client connection",
@@ -368,17 +406,26 @@ class ProxyServer:
         try:
             async with asyncio.timeout(self.config.client_timeout):
                 request = await self._read_request(reader, consumed)
-        except _PassThroughError as reason:
-            await self._pass_through(bytes(consumed), reader, writer, peer, str(reason), started)
+        except _PassThroughError as error:
+            self._count_pass_through(consumed, error.reason)
+            await self._pass_through(bytes(consumed), reader, writer, peer, str(error), started)
             return
         except TimeoutError:
             # Ending the input here makes spamd return its own error at once, instead of
             # waiting for its own timeout.
             reason = f"request not complete after {self.config.client_timeout} s"
             consumed += await self._take_buffered(reader)
+            self._count_pass_through(consumed, "client_timeout")
             await self._pass_through(bytes(consumed), None, writer, peer, reason, started)
             return
+        self.metrics.requests.inc(request.head.method)
         await self._scan(request, writer, peer, started)
+
+    def _count_pass_through(self, consumed: bytearray, reason: str) -> None:
+        line_end = consumed.find(b"\n")
+        request_line = bytes(consumed if line_end < 0 else consumed[: line_end + 1])
+        self.metrics.requests.inc(method_label(request_line))
+        self.metrics.passthrough.inc(reason if consumed else "empty")
 
     async def _read_request(
         self, reader: asyncio.StreamReader, consumed: bytearray
@@ -394,9 +441,11 @@ class ProxyServer:
         except protocol.SpamdProtocolError as error:
             raise _PassThroughError(str(error)) from None
         if method not in protocol.SCORED_METHODS:
-            raise _PassThroughError(f"{method} carries no message to score")
+            raise _PassThroughError(f"{method} carries no message to score", "unscored_method")
         if not MIN_REWRITE_VERSION <= version <= MAX_REWRITE_VERSION:
-            raise _PassThroughError(f"unsupported protocol version {version[0]}.{version[1]}")
+            raise _PassThroughError(
+                f"unsupported protocol version {version[0]}.{version[1]}", "unsupported_version"
+            )
 
         while not consumed.endswith(protocol.HEAD_END):
             await self._read_line(reader, consumed)
@@ -407,11 +456,13 @@ class ProxyServer:
             raise _PassThroughError(str(error)) from None
         self._check_header_spelling(head)
         if length is None:
-            raise _PassThroughError("no Content-length")
+            raise _PassThroughError("no Content-length", "no_content_length")
         if length > self.config.max_message_size:
             # NOTE: a message passed through unchanged keeps any forged X-Spamflow header,
             # so max_message_size must stay above spamc's -s limit (500 KB by default).
-            raise _PassThroughError(f"Content-length {length} above max_message_size")
+            raise _PassThroughError(
+                f"Content-length {length} above max_message_size", "too_large"
+            )
 
         try:
             body = await reader.readexactly(length)
@@ -495,7 +546,7 @@ class ProxyServer:
         except zlib.error as error:
             raise _PassThroughError(f"zlib data invalid: {error}") from None
         if len(message) > self.config.max_message_size:
-            raise _PassThroughError("decompressed message above max_message_size")
+            raise _PassThroughError("decompressed message above max_message_size", "too_large")
         if not decompressor.eof:
             raise _PassThroughError("zlib stream incomplete")
         return message
@@ -509,6 +560,7 @@ class ProxyServer:
             async with asyncio.timeout(SPAMD_CONNECT_TIMEOUT):
                 return await asyncio.open_connection(self.spamd_host, self.spamd_port)
         except (OSError, TimeoutError) as error:
+            self.metrics.spamd_errors.inc("unreachable")
             self._spamd_failures.error(
                 "peer=%s spamd %s:%s unreachable, closing the client connection: %r",
                 _peer_text(peer), self.spamd_host, self.spamd_port, error,
@@ -584,6 +636,8 @@ class ProxyServer:
     ) -> None:
         method = request.head.method
         outgoing, cleaned, verdict = await self._rewrite(request, peer)
+        if verdict.header_value is not None:
+            self.metrics.verdicts.inc()
         verdict_removed = cleaned is not None
         if cleaned is None:
             cleaned = request.message
@@ -637,6 +691,9 @@ class ProxyServer:
                 _peer_text(peer), method, VERDICT_HEADER,
             )
             return request.raw, None, Verdict()
+        # remove_header only shortens a message, so a shorter one lost a forged header.
+        if len(cleaned) != len(request.message):
+            self.metrics.forged_headers_removed.inc()
 
         try:
             verdict = await self._find_verdict(cleaned, peer)
@@ -682,9 +739,10 @@ class ProxyServer:
             # Without a learner there is neither a model nor a record to use features.
             return verdict
 
-        verdict.features = await query_tap_features(
+        result, verdict.features = await query_tap(
             self.config.tap_socket, identity.ip, identity.port, self.config.tap_timeout
         )
+        self.metrics.tap_queries.inc(result)
         model = self.learner.model if self.learner is not None else None
         if verdict.features is None or model is None:
             return verdict
@@ -725,6 +783,7 @@ class ProxyServer:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             self.dropped_jobs += 1
+            self.metrics.scoring_dropped.inc()
             logger.warning(
                 "request peer=%s method=%s flow=%s p=%s not recorded: scoring queue full "
                 "(%d dropped so far)",
@@ -739,6 +798,12 @@ class ProxyServer:
             job = await self._queue.get()
             try:
                 await self._record(job)
+            except TimeoutError:
+                self.metrics.spamd_errors.inc("timeout")
+                logger.warning(
+                    "peer=%s CHECK without verdict not finished within %s s, not recorded",
+                    job.peer, self.config.spamd_timeout,
+                )
             except Exception:
                 logger.exception("peer=%s scoring for learning failed", job.peer)
             finally:
@@ -749,6 +814,7 @@ class ProxyServer:
         spam = None
         code = None
         if not job.response:
+            self.metrics.spamd_errors.inc("closed")
             logger.warning(
                 "peer=%s method=%s spamd closed the connection without a response",
                 job.peer, job.method,
@@ -791,6 +857,7 @@ class ProxyServer:
             features=job.verdict.features,
         )
         await asyncio.to_thread(self.learner.observe, observation)
+        self.metrics.observations_recorded.inc()
 
     def _make_observation(self, **fields: Any) -> Any:
         if self._observation_factory is None:
@@ -829,6 +896,7 @@ class ProxyServer:
         finally:
             spamd_writer.close()
         if not response:
+            self.metrics.spamd_errors.inc("closed")
             logger.warning(
                 "peer=%s CHECK without verdict: spamd closed the connection without a response",
                 job.peer,

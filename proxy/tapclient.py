@@ -16,35 +16,52 @@ _failures = RateLimitedLog(logger)
 MAX_RESPONSE_LINE_BYTES = 64 * 1024
 
 
+# Results of one tap query, as query_tap returns them.
+TAP_RESULTS = ("ok", "not_found", "error", "timeout")
+
+
 async def query_tap_features(
     socket_path: str, ip: str, port: int, timeout: float
 ) -> dict[str, float] | None:
-    """Ask the tap for the features of the flow ip:port.
+    """Ask the tap for the features of the flow ip:port, or return None without them.
 
-    Returns None when the tap does not know the flow, fails or does not respond
-    within timeout seconds (the whole exchange, connect included). Failures are
-    logged at a limited rate, and a not-found flow at DEBUG.
+    query_tap describes when the features are missing.
+    """
+    _, features = await query_tap(socket_path, ip, port, timeout)
+    return features
+
+
+async def query_tap(
+    socket_path: str, ip: str, port: int, timeout: float
+) -> tuple[str, dict[str, float] | None]:
+    """Ask the tap for the features of the flow ip:port and return (result, features).
+
+    result is one of TAP_RESULTS. The features are None unless it is "ok": when the tap
+    does not know the flow ("not_found"), fails ("error") or does not respond within
+    timeout seconds, connect included ("timeout"). Failures are logged at a limited rate,
+    and a not-found flow at DEBUG.
     """
     try:
         async with asyncio.timeout(timeout):
             response = await _exchange(socket_path, format_request(ip, port))
     except TimeoutError:
         _failures.warning("tap query for %s:%s timed out after %.3f s", ip, port, timeout)
-        return None
+        return "timeout", None
     except (OSError, ProtocolError, ValueError) as error:
         _failures.warning("tap query for %s:%s failed: %s", ip, port, error)
-        return None
+        return "error", None
 
     status = response.get("status")
     if status == "not-found":
         logger.debug("tap has no flow %s:%s", ip, port)
-        return None
+        return "not_found", None
     if status != "ok":
         _failures.warning(
             "tap returned status %r for %s:%s: %s", status, ip, port, response.get("message")
         )
-        return None
-    return _features(response.get("features"), ip, port)
+        return "error", None
+    features = _features(response.get("features"), ip, port)
+    return ("error", None) if features is None else ("ok", features)
 
 
 async def _exchange(socket_path: str, request: bytes) -> dict:

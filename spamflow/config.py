@@ -46,6 +46,8 @@ class ProxyConfig:
     spamd_timeout: float = 330.0
     db: str = "/var/lib/spamflow/examples.sqlite"
     model: str = "/var/lib/spamflow/model.joblib"
+    # HOST:PORT of the Prometheus endpoint (GET /metrics). None serves no metrics.
+    metrics_listen: str | None = None
 
 
 @dataclass
@@ -257,6 +259,10 @@ def _address(value: str) -> str | None:
     return None
 
 
+def _optional_address(value: str | None) -> str | None:
+    return None if value is None else _address(value)
+
+
 def _seconds(value: float) -> str | None:
     return None if math.isfinite(value) and value > 0 else "a number of seconds above 0"
 
@@ -287,6 +293,7 @@ _RANGE_CHECKS: dict[type, dict[str, Any]] = {
         "max_message_size": _at_least(1),
         "client_timeout": _seconds,
         "spamd_timeout": _seconds,
+        "metrics_listen": _optional_address,
     },
     PolicyConfig: {"listen": _address},
     TapConfig: {
