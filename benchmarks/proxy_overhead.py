@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model
 from spamflow.models.classifier import train_model
 from spamflow.models.persist import save_model
 from spamflow.nfqueue_tap.protocol import (
@@ -475,17 +476,6 @@ def first_line(command: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unknown ({error})"
     return output.decode(errors="replace").strip().splitlines()[0]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_text() -> str:

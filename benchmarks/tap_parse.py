@@ -16,6 +16,7 @@ from collections.abc import Callable
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
+from machine import cpu_model
 from spamflow.nfqueue_tap.flows import FlowTable
 from spamflow.nfqueue_tap.packet import parse_packet
 
@@ -103,17 +104,6 @@ def update_ns(packets: list[bytes], rounds: int) -> float:
                 table.update(segment, timestamp)
         elapsed += time.perf_counter_ns() - start
     return elapsed / (rounds * len(packets))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

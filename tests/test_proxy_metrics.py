@@ -16,6 +16,8 @@ from test_proxy_server_unit import (
     _request,
     _send,
     _signed_message,
+    spamd,  # noqa: F401  (fixture)
+    tap,  # noqa: F401  (fixture)
 )
 
 from spamflow.cli import build_parser
@@ -232,22 +234,6 @@ def test_metrics_listen_option_help():
 
 
 # Proxy counters
-
-
-@pytest.fixture
-async def spamd():
-    fake = FakeSpamd()
-    await fake.start()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def tap(tmp_path):
-    fake = FakeTap(str(tmp_path / "tap.sock"))
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 def _config(spamd: FakeSpamd, tap: FakeTap, metrics_listen: str | None) -> ProxyConfig:
