@@ -15,7 +15,7 @@ import ipaddress
 import json
 from typing import Any
 
-# Longest request line the server reads, in bytes.
+# Maximum length of a request line that the server reads, in bytes.
 MAX_REQUEST_LINE = 128
 
 

@@ -31,7 +31,7 @@ class ProxyConfig:
     listen: str = "127.0.0.1:7830"
     spamd: str = "127.0.0.1:783"
     tap_socket: str = "/run/spamflow/tap.sock"
-    # Seconds to wait for the tap's answer before scanning without a verdict.
+    # Seconds to wait for the tap's response before scanning without a verdict.
     tap_timeout: float = 0.25
     # Client addresses whose flow-identity header is believed.
     trusted_mta: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
@@ -41,7 +41,7 @@ class ProxyConfig:
     max_message_size: int = 10 * 1024 * 1024
     # Seconds a client may take to send its whole request.
     client_timeout: float = 30.0
-    # Seconds spamd may take to answer one request. It exceeds spamd's own 300 s child
+    # Seconds spamd may take to respond to one request. It exceeds spamd's own 300 s child
     # timeout (spamd 4.0.1 default), so a client gets spamd's timeout reply, not ours.
     spamd_timeout: float = 330.0
     db: str = "/var/lib/spamflow/examples.sqlite"

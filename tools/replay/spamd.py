@@ -65,7 +65,7 @@ endif
 
 
 class SpamdStartError(RuntimeError):
-    """spamd exited or did not answer PING before the start timeout."""
+    """spamd exited or did not respond to PING before the start timeout."""
 
 
 @dataclass
@@ -316,7 +316,7 @@ class SpamdInstance:
                 return
             time.sleep(0.25)
         raise SpamdStartError(
-            f"spamd did not answer PING on {self.address} within {self.start_timeout:.0f} s; "
+            f"spamd did not respond to PING on {self.address} within {self.start_timeout:.0f} s; "
             f"log {self.log_path}:\n{self.log_tail()}"
         )
 
